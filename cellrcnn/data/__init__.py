@@ -1,0 +1,1 @@
+"""Data layer: COCO datasets, paired transforms, synthetic nuclei, converters."""

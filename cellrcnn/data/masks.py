@@ -1,0 +1,136 @@
+"""Instance masks in every encoding the project meets, and conversions between them.
+
+- COCO RLE (pycocotools): column-major, compressed ``counts`` string or uncompressed list.
+- COCO polygons: ``[[x1, y1, x2, y2, ...], ...]``.
+- Kaggle RLE strings: ``"start length ..."`` with 1-based starts, column-major for the
+  2018 Data Science Bowl (``order="F"``) and row-major for Sartorius (``order="C"``).
+- Label images: 2-D integers, 0 = background, one value per object.
+
+Masks are uint8/bool arrays H×W; stacks are N×H×W.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+class MaskFormatError(ValueError):
+    """A segmentation or RLE string does not describe a valid mask."""
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """H×W binary mask -> compressed COCO RLE with a JSON-ready ``counts`` string."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """Any COCO ``segmentation`` (polygons, compressed or uncompressed RLE) -> uint8 H×W."""
+    if isinstance(segmentation, list):
+        if len(segmentation) == 0:
+            return np.zeros((height, width), np.uint8)
+        polygons = [list(map(float, p)) for p in segmentation]
+        bad = [p for p in polygons if len(p) < 6 or len(p) % 2]
+        if bad:
+            raise MaskFormatError(f"polygon with {len(bad[0])} coordinates; need an even number >= 6")
+        rles = mask_utils.frPyObjects(polygons, height, width)
+        return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        size = segmentation.get("size")
+        if size is None or list(size) != [height, width]:
+            raise MaskFormatError(f"RLE size {size} differs from the image size {[height, width]}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            if sum(counts) != height * width:
+                raise MaskFormatError(f"uncompressed RLE covers {sum(counts)} pixels, image has {height * width}")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        return mask_utils.decode(rle).astype(np.uint8)
+    raise MaskFormatError(f"unknown segmentation type {type(segmentation).__name__}")
+
+
+def mask_to_bbox(mask: np.ndarray) -> list[float]:
+    """Tight COCO box ``[x, y, w, h]`` in pixels (x = column) of a binary mask; zeros if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
+
+
+def masks_to_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
+    """N×H×W masks -> N×4 float32 ``x1, y1, x2, y2`` (exclusive max: a 1-px mask has width 1)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, m in enumerate(masks):
+        x, y, w, h = mask_to_bbox(m)
+        boxes[i] = (x, y, x + w, y + h)
+    return boxes
+
+
+def decode_rle_string(rle: str, height: int, width: int, order: str = "F") -> np.ndarray:
+    """Kaggle ``"start length ..."`` RLE (1-based starts) -> uint8 H×W.
+
+    ``order="F"``: column-major (2018 Data Science Bowl); ``order="C"``: row-major (Sartorius).
+    """
+    values = str(rle).split()
+    if len(values) % 2:
+        raise MaskFormatError(f"RLE has an odd number of values ({len(values)})")
+    try:
+        pairs = np.asarray(values, dtype=np.int64).reshape(-1, 2)
+    except ValueError as exc:
+        raise MaskFormatError(f"RLE holds a non-integer value: {exc}") from exc
+    starts, lengths = pairs[:, 0] - 1, pairs[:, 1]
+    total = height * width
+    if len(pairs) and (starts.min() < 0 or lengths.min() <= 0 or (starts + lengths).max() > total):
+        raise MaskFormatError(f"RLE runs outside a {height}×{width} image")
+    flat = np.zeros(total, np.uint8)
+    for s, n in zip(starts, lengths):
+        flat[s : s + n] = 1
+    return flat.reshape((height, width), order=order)
+
+
+def encode_rle_string(mask: np.ndarray, order: str = "F") -> str:
+    """uint8 H×W -> Kaggle ``"start length ..."`` RLE string (1-based starts)."""
+    flat = np.concatenate([[0], mask.astype(np.uint8).ravel(order=order), [0]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1])
+    starts, ends = edges[::2], edges[1::2]
+    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts, ends))
+
+
+def label_image_to_masks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label image -> (N×H×W uint8 masks, N label values), ordered by label value.
+
+    Labels need not be consecutive; a disconnected label stays one instance.
+    """
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if ids.size == 0:
+        return np.zeros((0, *labels.shape), np.uint8), ids
+    # one pass over bounding slices keeps this linear in the image size for thousands of objects
+    from scipy import ndimage
+
+    masks = np.zeros((ids.size, *labels.shape), np.uint8)
+    relabeled = np.searchsorted(ids, labels) + 1
+    relabeled[labels == 0] = 0
+    for i, sl in enumerate(ndimage.find_objects(relabeled)):
+        if sl is not None:
+            masks[i][sl] = relabeled[sl] == i + 1
+    return masks, ids
+
+
+def masks_to_label_image(masks: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    """N×H×W masks -> label image (1..N in input order). Where masks overlap the
+    higher-scoring one wins (the later one when no scores are given)."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be N×H×W, got shape {masks.shape}")
+    n, h, w = masks.shape
+    labels = np.zeros((h, w), dtype=np.int64)
+    order = np.arange(n) if scores is None else np.argsort(np.asarray(scores), kind="stable")
+    for i in order:  # paint low to high so the best object ends on top
+        labels[masks[i] > 0] = i + 1
+    return labels
