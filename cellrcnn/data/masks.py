@@ -87,7 +87,7 @@ def decode_rle_string(rle: str, height: int, width: int, order: str = "F") -> np
     if len(pairs) and (starts.min() < 0 or lengths.min() <= 0 or (starts + lengths).max() > total):
         raise MaskFormatError(f"RLE runs outside a {height}×{width} image")
     flat = np.zeros(total, np.uint8)
-    for s, n in zip(starts, lengths):
+    for s, n in zip(starts, lengths, strict=True):
         flat[s : s + n] = 1
     return flat.reshape((height, width), order=order)
 
@@ -97,7 +97,7 @@ def encode_rle_string(mask: np.ndarray, order: str = "F") -> str:
     flat = np.concatenate([[0], mask.astype(np.uint8).ravel(order=order), [0]])
     edges = np.flatnonzero(flat[1:] != flat[:-1])
     starts, ends = edges[::2], edges[1::2]
-    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts, ends))
+    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts, ends, strict=True))
 
 
 def label_image_to_masks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,276 @@
+"""DSB2018 (BBBC038 stage 1) benchmark: Mask R-CNN cell preset vs U-Net vs Otsu + watershed.
+
+    python bench/dsb2018.py [--budget-min 60] [--models maskrcnn,unet] [--out bench/results]
+                            [--parallel | --sequential] [--threads N]
+
+1. Converts ``stage1_train.zip`` to COCO (``datasets/coco/bbbc038``) unless already converted.
+2. Splits every image 90/10 by the SHA-256 of its ImageId (``split_by_hash``, salt ``dsb2018``),
+   written as ``annotations/dsb_train90.json`` and ``annotations/dsb_val10.json``.
+3. Trains each model with the project's own ``train.py experiment=bbbc038_<model>`` for a fixed
+   wall budget (``trainer.max_time``), in parallel (one torch thread each) or one after the other.
+4. Scores the final weights of each run and the classical floor on the held-out 10 % (full images)
+   with the shared Evaluator, and writes ``dsb2018.json`` and ``dsb2018.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SRC = REPO.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
+DEFAULT_ROOT = REPO / "datasets" / "coco" / "bbbc038"
+SPLITS = ("dsb_train90", "dsb_val10")
+SALT = "dsb2018"
+# training throughput (images/s at one torch thread, 256×256 crops) used to size the cosine schedule
+# so the learning rate reaches its floor near the end of the budget; measured with bench/speed.py
+RATE_1THREAD = {"maskrcnn": 1.0, "unet": 2.5}
+BATCH = {"maskrcnn": 4, "unet": 8}
+COLUMNS = ("dsb_score", "segm_AP", "segm_AP50", "f1@0.5", "f1@0.7", "pq@0.5", "dice")
+
+
+def ensure_converted(src: Path, root: Path) -> None:
+    """Run the bbbc038 converter unless ``root`` already holds a finished conversion."""
+    if any(p.stem not in SPLITS for p in (root / "annotations").glob("*.json")):
+        print(f"[dsb2018] using the converted dataset in {root}")
+        return
+    if not src.is_file():
+        raise SystemExit(f"{src}: stage1_train.zip not found (give --src)")
+    cmd = [sys.executable, "-m", "cellrcnn.data.convert", "bbbc038", "--src", str(src), "--out", str(root)]
+    print("[dsb2018] converting:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def image_key(image: dict) -> str:
+    """The DSB ImageId (file stem) of a COCO image entry: stable across converters and re-runs."""
+    return Path(image["file_name"]).stem
+
+
+def write_split(root: Path) -> dict[str, int]:
+    """Merge the converter's split files and write the 90/10 hash split; returns image counts."""
+    from cellrcnn.data.coco import load_coco_json
+    from cellrcnn.data.datamodule import split_by_hash
+
+    ann_dir = root / "annotations"
+    sources = [p for p in sorted(ann_dir.glob("*.json")) if p.stem not in SPLITS]
+    if not sources:
+        raise SystemExit(f"{ann_dir}: no COCO annotation files")
+    images, annotations, base = {}, {}, None
+    for path in sources:
+        data = load_coco_json(path)
+        base = base or data
+        for im in data["images"]:
+            images[im["id"]] = im
+        for ann in data["annotations"]:
+            annotations[ann["id"]] = ann
+    keys = {image_key(im): i for i, im in images.items()}
+    groups = split_by_hash(sorted(keys), (0.9, 0.1), salt=SALT)
+    counts = {}
+    for name, group in zip(SPLITS, groups, strict=True):
+        keep = {keys[k] for k in group}
+        part = {k: v for k, v in base.items() if k not in ("images", "annotations", "info")}
+        part["info"] = {**base.get("info", {}), "split": name, "split_rule": f"sha256('{SALT}:'+ImageId), 90/10"}
+        part["images"] = sorted((images[i] for i in keep), key=lambda im: im["id"])
+        part["annotations"] = sorted((a for a in annotations.values() if a["image_id"] in keep), key=lambda a: a["id"])
+        text = json.dumps(part)
+        path = ann_dir / f"{name}.json"
+        if not path.is_file() or path.read_text() != text:  # leave an identical file untouched
+            path.write_text(text)
+        counts[name] = len(part["images"])
+    print(f"[dsb2018] split {counts} (from {[p.name for p in sources]})", flush=True)
+    return counts
+
+
+def train_command(model: str, budget_min: float, threads: int, run_dir: Path, root: Path, extra: list[str]) -> list[str]:
+    """``python train.py experiment=bbbc038_<model>`` for a wall budget on the benchmark split."""
+    steps = max(200, int(budget_min * 60 * RATE_1THREAD[model] * threads**0.8 / BATCH[model]))
+    seconds = max(1, int(round(budget_min * 60)))
+    return [
+        sys.executable, "train.py", f"experiment=bbbc038_{model}",
+        f"data.root={root}", f"data.train_split={SPLITS[0]}", f"data.val_split={SPLITS[1]}",
+        f"data.test_split={SPLITS[1]}",
+        f"trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}",
+        f"model.optim.total_steps={steps}", f"threads={threads}", "test=false", "logger=tensorboard",
+        f"name=dsb2018_{model}", f"hydra.run.dir={run_dir}", "callbacks.progress_bar.refresh_rate=50",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_training(models: list[str], args: argparse.Namespace, runs: Path) -> dict[str, dict]:
+    """Launch the trainings (parallel or sequential); returns per model the run folder and wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    info: dict[str, dict] = {}
+    procs = {}
+    for model in models:
+        run_dir = runs / model
+        cmd = train_command(model, args.budget_min, args.threads, run_dir, args.root, args.override)
+        log = open(args.out / f"dsb2018_{model}_train.log", "w")  # noqa: SIM115 (closed below)
+        print(f"[dsb2018] {time.strftime('%H:%M:%S')} training {model}: {' '.join(cmd)}", flush=True)
+        start = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        procs[model] = (proc, log, start)
+        info[model] = {"run_dir": str(run_dir), "command": " ".join(cmd[1:])}
+        if not args.parallel:
+            _wait(model, procs.pop(model), info)
+    for model, item in procs.items():
+        _wait(model, item, info)
+    return info
+
+
+def _wait(model: str, item: tuple, info: dict) -> None:
+    proc, log, start = item
+    code = proc.wait()
+    log.close()
+    info[model]["train_wall_s"] = time.time() - start
+    info[model]["exit_code"] = code
+    print(f"[dsb2018] {time.strftime('%H:%M:%S')} {model} finished (exit {code}, {info[model]['train_wall_s']:.0f} s)",
+          flush=True)
+
+
+def evaluate_predictor(dataset, predict, name: str) -> dict:
+    """Shared-Evaluator metrics of ``predict(image) -> instance dict`` over ``dataset`` plus timing."""
+    import torch
+
+    from cellrcnn.evaluation.evaluator import Evaluator
+
+    evaluator = Evaluator(iou_thresholds=(0.5, 0.7), coco=True)
+    evaluator.reset()
+    seconds = 0.0
+    for i in range(len(dataset)):
+        image, target = dataset[i]
+        start = time.perf_counter()
+        with torch.no_grad():
+            pred = predict(image)
+        seconds += time.perf_counter() - start
+        evaluator.update(target, pred)
+    metrics = {k: float(v) for k, v in evaluator.compute().items()}
+    metrics["infer_s_per_image"] = seconds / max(1, len(dataset))
+    print(f"[dsb2018] {name}: dsb_score {metrics['dsb_score']:.4f}  f1@0.5 {metrics['f1@0.5']:.4f}  "
+          f"{metrics['infer_s_per_image']:.2f} s/image", flush=True)
+    return metrics
+
+
+def classical_predict(image):
+    import torch
+
+    from cellrcnn.baselines.classical import segment_otsu_watershed
+    from cellrcnn.data.masks import label_image_to_masks, masks_to_boxes_xyxy
+
+    masks, _ = label_image_to_masks(segment_otsu_watershed(image.numpy()))
+    n = len(masks)
+    return {"masks": torch.from_numpy(masks), "boxes": torch.from_numpy(masks_to_boxes_xyxy(masks)),
+            "scores": torch.ones(n), "labels": torch.ones(n, dtype=torch.int64)}
+
+
+def checkpoint_of(run_dir: Path) -> Path:
+    """The final weights of a run (``last.ckpt``, refreshed by the validation at the time limit)."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run left no last.ckpt (see its training log)")
+    return path
+
+
+def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit: int | None) -> dict[str, dict]:
+    import torch
+
+    from cellrcnn.data.coco import CocoInstanceDataset
+    from cellrcnn.modules.base import load_module
+
+    torch.set_num_threads(threads)
+    ann = root / "annotations" / f"{SPLITS[1]}.json"
+    results: dict[str, dict] = {}
+    for model in models:
+        ckpt = checkpoint_of(runs / model)
+        module = load_module(ckpt)
+        channels = int(dict(module.hparams).get("net", {}).get("in_channels", 3))
+        dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=channels)
+        dataset.images = dataset.images[:limit] if limit else dataset.images
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model)
+        metrics.update(checkpoint=str(ckpt), global_step=int(state.get("global_step", -1)),
+                       epoch=int(state.get("epoch", -1)))
+        results[model] = metrics
+        del module, state
+    dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
+    dataset.images = dataset.images[:limit] if limit else dataset.images
+    results["classical"] = evaluate_predictor(dataset, classical_predict, "otsu+watershed")
+    return results
+
+
+def write_tables(out: Path, results: dict[str, dict], meta: dict) -> None:
+    names = {"maskrcnn": "Mask R-CNN (cell preset, R18-FPN)", "unet": "U-Net (3-class + distance, watershed)",
+             "classical": "Otsu + watershed (no training)"}
+    head = "| model | " + " | ".join(COLUMNS) + " | training time | inference s/image |"
+    lines = [f"**DSB2018 stage-1 train, held-out 10 % ({meta['n_val']} images, full size), "
+             f"trained from scratch on {meta['n_train']} images**", "", head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for key, m in results.items():
+        train = meta["training"].get(key, {})
+        t = f"{train['train_wall_s'] / 60:.0f} min ({m.get('global_step', '?')} steps)" if "train_wall_s" in train else "–"
+        cells = [f"{m[c]:.3f}" for c in COLUMNS]
+        lines.append(f"| {names.get(key, key)} | " + " | ".join(cells) + f" | {t} | {m['infer_s_per_image']:.2f} |")
+    lines += ["", f"Budget: {meta['budget_min']} min wall per model, {meta['mode']}, {meta['threads']} torch thread(s) "
+              f"each, CPU `{meta['cpu']}`; load at start `{meta['uptime_start']}`, at end `{meta['uptime_end']}`.",
+              "dsb_score = mean over images of the mean over IoU 0.50:0.05:0.95 of TP/(TP+FP+FN); "
+              "segm_AP from pycocotools with 1000 detections per image; f1/pq pooled over the split."]
+    (out / "dsb2018.md").write_text("\n".join(lines) + "\n")
+    (out / "dsb2018.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-min", type=float, default=60.0, help="training wall budget per model, minutes")
+    p.add_argument("--models", default="maskrcnn,unet")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="converted COCO dataset folder")
+    p.add_argument("--runs", type=Path, default=REPO / "outputs" / "dsb2018", help="training run folders")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--parallel", dest="parallel", action="store_true", default=True,
+                      help="train the models side by side (default)")
+    mode.add_argument("--sequential", dest="parallel", action="store_false")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training (and for evaluation)")
+    p.add_argument("--skip-train", action="store_true", help="only evaluate the existing runs")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out images")
+    p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for both trainings")
+    args = p.parse_args(argv)
+    args.out, args.root, args.runs = args.out.resolve(), args.root.resolve(), args.runs.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = [m for m in args.models.split(",") if m]
+    if unknown := set(models) - set(RATE_1THREAD):
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {sorted(RATE_1THREAD)}")
+
+    sys.path.insert(0, str(REPO))
+    meta = {"budget_min": args.budget_min, "mode": "parallel" if args.parallel else "sequential",
+            "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "uptime_start": _uptime(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    ensure_converted(args.src, args.root)
+    counts = write_split(args.root)
+    meta.update(n_train=counts[SPLITS[0]], n_val=counts[SPLITS[1]], split_salt=SALT)
+    meta["training"] = {} if args.skip_train else run_training(models, args, args.runs)
+    if not args.skip_train:
+        failed = [m for m in models if meta["training"][m]["exit_code"] != 0]
+        if failed:
+            print(f"[dsb2018] training failed for {failed}; scoring the others", flush=True)
+            models = [m for m in models if m not in failed]
+    results = evaluate_all(models, args.runs, args.root, max(1, args.threads * (2 if args.parallel else 1)),
+                           args.eval_limit)
+    meta.update(uptime_end=_uptime(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    write_tables(args.out, results, meta)
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "n/a"
+
+
+if __name__ == "__main__":
+    main()

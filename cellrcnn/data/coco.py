@@ -1,0 +1,223 @@
+"""COCO instance annotations + image folder -> ``(image tensor, Target)``.
+
+Reads any COCO instance JSON: polygons, compressed and uncompressed RLE, box-only
+annotations (no ``segmentation`` or an empty list: ``has_mask`` False, mask all zeros),
+and images without annotations (empty Target: boxes 0×4, masks 0×H×W).
+
+Choices worth knowing:
+- ``iscrowd=1`` regions are skipped: the Target contract has no "ignore" region, and a
+  crowd RLE is not one object. A warning counts them once per file.
+- Labels are category ids mapped to 1..K in increasing id order (identity for the usual
+  single category 1); ``ds.label_names`` gives the name of each label.
+- Annotations whose mask decodes to nothing are dropped with a warning; they would give a
+  model a zero-area box.
+- Structural problems (bad JSON, missing keys, unknown image ids, RLE size differing from
+  the image) raise :class:`CocoFormatError` naming the file when the dataset is built;
+  an image whose pixel size differs from its entry raises when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellrcnn.data.masks import MaskFormatError, decode_segmentation
+from cellrcnn.data.target import Target, make_target
+from cellrcnn.io import prepare_image, read_image
+
+TransformFn = Callable[[np.ndarray, dict], tuple[np.ndarray, dict]]
+
+
+class CocoFormatError(ValueError):
+    """A COCO annotation file is malformed; the message names the file and the problem."""
+
+
+def load_coco_json(path: str | Path) -> dict:
+    """Read and check the structure of a COCO instance file (raises CocoFormatError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CocoFormatError(f"{path}: no such annotation file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CocoFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: top level must be an object, got {type(data).__name__}")
+    for key in ("images", "annotations"):
+        if key not in data:
+            raise CocoFormatError(f"{path}: missing top-level key '{key}'")
+        if not isinstance(data[key], list):
+            raise CocoFormatError(f"{path}: '{key}' must be a list")
+    seen: set[int] = set()
+    for n, img in enumerate(data["images"]):
+        missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
+        if missing:
+            raise CocoFormatError(f"{path}: images[{n}] lacks {missing}")
+        if img["id"] in seen:
+            raise CocoFormatError(f"{path}: image id {img['id']} listed twice")
+        seen.add(img["id"])
+    for n, ann in enumerate(data["annotations"]):
+        missing = [k for k in ("image_id", "category_id") if k not in ann]
+        if missing:
+            raise CocoFormatError(f"{path}: annotations[{n}] (id {ann.get('id')}) lacks {missing}")
+        if ann["image_id"] not in seen:
+            raise CocoFormatError(
+                f"{path}: annotation {ann.get('id', n)} points at unknown image id {ann['image_id']}"
+            )
+        if not ann.get("segmentation") and not ann.get("bbox"):
+            raise CocoFormatError(f"{path}: annotation {ann.get('id', n)} has neither segmentation nor bbox")
+    return data
+
+
+class CocoInstanceDataset(Dataset):
+    """Instance segmentation samples from a COCO file.
+
+    Args:
+        annotation_file: COCO instance JSON.
+        image_root: folder of the images; default ``<annotation_file>/../../images``.
+        channels: 1 or 3 model input channels (grey repeated, colour averaged).
+        transforms: optional ``t(image C×H×W float32, target dict of numpy) -> (image, target)``.
+
+    ``ds[i]`` -> (float32 tensor C×H×W percentile-normalised, Target with N kept instances).
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        image_root: str | Path | None = None,
+        channels: int = 3,
+        transforms: TransformFn | None = None,
+    ) -> None:
+        self.annotation_file = Path(annotation_file)
+        self.image_root = (
+            Path(image_root) if image_root is not None else self.annotation_file.parent.parent / "images"
+        )
+        self.channels = channels
+        self.transforms = transforms
+        data = load_coco_json(self.annotation_file)
+        self.info = data.get("info", {})
+        self.images: list[dict] = sorted(data["images"], key=lambda im: im["id"])
+        cat_ids = sorted(
+            {c["id"] for c in data.get("categories", [])} | {a["category_id"] for a in data["annotations"]}
+        )
+        names = {c["id"]: c.get("name", str(c["id"])) for c in data.get("categories", [])}
+        self.category_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
+        self.label_names = {i + 1: names.get(cid, str(cid)) for i, cid in enumerate(cat_ids)}
+        self._anns: dict[int, list[dict]] = defaultdict(list)
+        sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in self.images}
+        n_crowd = 0
+        for ann in data["annotations"]:
+            if ann.get("iscrowd", 0):
+                n_crowd += 1
+                continue
+            seg = ann.get("segmentation")
+            if isinstance(seg, dict) and list(seg.get("size", [])) != list(sizes[ann["image_id"]]):
+                raise CocoFormatError(
+                    f"{self.annotation_file}: annotation {ann.get('id')} mask size {seg.get('size')} "
+                    f"differs from image {ann['image_id']} size {list(sizes[ann['image_id']])}"
+                )
+            self._anns[ann["image_id"]].append(ann)
+        if n_crowd:
+            warnings.warn(
+                f"{self.annotation_file}: skipped {n_crowd} iscrowd annotations (not single objects)",
+                stacklevel=2,
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_info(self, index: int) -> dict:
+        """The COCO image entry (``id``, ``file_name``, ``height``, ``width``, ...)."""
+        return self.images[index]
+
+    def image_path(self, index: int) -> Path:
+        return self.image_root / self.images[index]["file_name"]
+
+    def load_raw(self, index: int) -> np.ndarray:
+        """Raw pixels H×W(×3) of image ``index``, checked against the annotated size."""
+        info = self.images[index]
+        path = self.image_path(index)
+        raw = read_image(path)
+        if raw.shape[:2] != (int(info["height"]), int(info["width"])):
+            raise CocoFormatError(
+                f"{self.annotation_file}: image {path} is {raw.shape[0]}×{raw.shape[1]} (H×W) but its entry "
+                f"says {info['height']}×{info['width']}"
+            )
+        return raw
+
+    def load_target(self, index: int) -> dict:
+        """Numpy target dict (boxes xyxy float32, labels, masks uint8 N×H×W, has_mask, image_id)."""
+        info = self.images[index]
+        h, w = int(info["height"]), int(info["width"])
+        boxes, labels, masks, has_mask = [], [], [], []
+        for ann in self._anns.get(info["id"], []):
+            seg = ann.get("segmentation")
+            if seg:
+                try:
+                    mask = decode_segmentation(seg, h, w)
+                except MaskFormatError as exc:
+                    raise CocoFormatError(
+                        f"{self.annotation_file}: annotation {ann.get('id')}: {exc}"
+                    ) from exc
+                rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+                if rows.size == 0:
+                    warnings.warn(
+                        f"{self.annotation_file}: annotation {ann.get('id')} of image {info['id']} has an "
+                        "empty mask; dropped",
+                        stacklevel=2,
+                    )
+                    continue
+                box = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+                has_mask.append(True)
+            else:  # box-only annotation: keep the box, the mask stays empty
+                x, y, bw, bh = map(float, ann["bbox"])
+                box = [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    warnings.warn(
+                        f"{self.annotation_file}: annotation {ann.get('id')} box {ann['bbox']} is empty "
+                        f"inside the {h}×{w} image; dropped",
+                        stacklevel=2,
+                    )
+                    continue
+                mask = np.zeros((h, w), np.uint8)
+                has_mask.append(False)
+            boxes.append(box)
+            labels.append(self.category_to_label[ann["category_id"]])
+            masks.append(mask)
+        return {
+            "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, np.int64),
+            "masks": np.stack(masks) if masks else np.zeros((0, h, w), np.uint8),
+            "has_mask": np.asarray(has_mask, bool),
+            "image_id": int(info["id"]),
+        }
+
+    def load_numpy(self, index: int) -> tuple[np.ndarray, dict]:
+        """(image float32 C×H×W, numpy target) before transforms."""
+        image = prepare_image(self.load_raw(index), self.channels)
+        return image, self.load_target(index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image, target = self.load_numpy(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return to_tensors(image, target)
+
+
+def to_tensors(image: np.ndarray, target: dict) -> tuple[torch.Tensor, Target]:
+    """Numpy image/target -> float32 tensor C×H×W and a torch Target."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return tensor, make_target(
+        target["boxes"],
+        target["labels"],
+        np.ascontiguousarray(target["masks"]),
+        target["has_mask"],
+        target["image_id"],
+    )

@@ -1,0 +1,290 @@
+"""Shared machinery of every converter: per-image results, the report, the worker pool and
+the deterministic COCO writer.
+
+A converter lists its images as small picklable tasks, maps a module-level worker over them
+(:func:`run_tasks`, a multiprocessing pool with a progress bar) and hands the resulting
+:class:`ImageResult` list to :func:`write_coco`. Problems are collected per file: the run goes
+on and lists them at the end, or stops at the first one with ``strict=True``.
+
+Output (see INTERFACES.md): ``<out>/images/<file_name>`` and ``<out>/annotations/{train,val,test}.json``
+(all three always written), plus ``<out>/conversion.json`` (counts and skipped files).
+Ids are assigned after sorting by a stable key, JSON is written compactly with a fixed key
+order and no timestamps, so a re-run produces byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+class ConversionError(RuntimeError):
+    """A conversion stopped (``--strict``) or cannot start; the message names the file."""
+
+
+@dataclass
+class ImageResult:
+    """What a worker made of one source image. ``ok=False``: the image is not written."""
+
+    key: str
+    file_name: str = ""
+    height: int = 0
+    width: int = 0
+    annotations: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    split: str | None = None
+    n_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    ok: bool = True
+    is_image: bool = True  # False for a placeholder that only carries instances lost before reading
+
+    @contextlib.contextmanager
+    def guard(self, name: str, fatal: bool = True):
+        """Turn any exception in the block into a reported problem naming ``name``;
+        ``fatal`` ones drop the whole image, others only the file (e.g. one mask)."""
+        try:
+            yield
+        except Exception as exc:  # every decoder raises its own type; report them alike
+            reason = str(exc) if str(exc).startswith(name) else f"{type(exc).__name__}: {exc}"
+            self.problems.append((name, reason.replace(f"{name}: ", "", 1)))
+            if fatal:
+                self.ok = False
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+
+@dataclass
+class Report:
+    """Problems met while converting; raises at the first one when ``strict``."""
+
+    strict: bool = False
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def problem(self, name: str, reason: str) -> None:
+        self.problems.append((name, reason))
+        if self.strict:
+            raise ConversionError(f"{name}: {reason} (stopped by --strict)")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 8))
+    except AttributeError:  # macOS/Windows
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+def run_tasks(
+    worker: Callable[[object], ImageResult],
+    tasks: Sequence,
+    report: Report,
+    workers: int | None = None,
+    desc: str = "images",
+) -> list[ImageResult]:
+    """Map ``worker`` (a module-level function) over ``tasks`` with a progress bar.
+
+    Problems found by workers go to ``report`` as results arrive, so ``strict`` stops early.
+    """
+    from tqdm import tqdm
+
+    workers = default_workers() if workers is None else max(1, workers)
+    results: list[ImageResult] = []
+    bar = tqdm(total=len(tasks), desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
+
+    def collect(stream: Iterable[ImageResult]) -> None:
+        for res in stream:
+            results.append(res)
+            bar.update(1)
+            for name, reason in res.problems:
+                report.problem(name, reason)
+
+    try:
+        if workers == 1 or len(tasks) < 2:
+            collect(map(worker, tasks))
+        else:
+            import multiprocessing
+
+            chunk = max(1, min(16, len(tasks) // (workers * 8)))
+            with multiprocessing.get_context().Pool(workers) as pool:
+                collect(pool.imap_unordered(worker, tasks, chunksize=chunk))
+    finally:
+        bar.close()
+    return results
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """H×W mask (non-zero = object) -> compressed COCO RLE, identical to
+    ``pycocotools.mask.encode(np.asfortranarray(mask))`` but computed on the columns the object
+    spans: a full-image column-major copy per mask cost more than decoding its PNG."""
+    mask = np.asarray(mask)
+    h, w = mask.shape
+    u8 = mask.view(np.uint8) if mask.dtype == bool else mask
+    x, _, bw, _ = cv2.boundingRect(u8 if u8.dtype == np.uint8 else (mask != 0).astype(np.uint8))
+    if bw == 0:
+        return mask_utils.frPyObjects({"size": [h, w], "counts": [h * w]}, h, w)
+    flat = np.ascontiguousarray((mask[:, x : x + bw] != 0).T).ravel()  # column-major of the span
+    edges = np.flatnonzero(np.diff(flat.view(np.int8), prepend=0, append=0)) + x * h
+    bounds = np.concatenate(([0], edges, [h * w] if edges[-1] < h * w else []))  # no empty last run
+    return mask_utils.frPyObjects({"size": [h, w], "counts": np.diff(bounds).tolist()}, h, w)
+
+
+def mask_annotation(mask: np.ndarray, category_id: int = 1, **extra) -> dict | None:
+    """H×W binary mask -> COCO annotation (compressed RLE, area, xywh bbox); None if empty."""
+    rle = encode_mask(mask)
+    area = int(mask_utils.area(rle))
+    if area == 0:
+        return None
+    bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    seg = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return {"category_id": category_id, "segmentation": seg, "area": area, "bbox": bbox, "iscrowd": 0, **extra}
+
+
+def box_annotation(x: float, y: float, w: float, h: float, category_id: int, **extra) -> dict:
+    """Box-only COCO annotation (no ``segmentation`` key), area = box area in px²."""
+    return {"category_id": category_id, "area": float(w * h), "bbox": [float(x), float(y), float(w), float(h)],
+            "iscrowd": 0, **extra}
+
+
+def hash_split(key: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
+    """Deterministic split of an image by the SHA-256 of its key (independent of order and platform)."""
+    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    total = float(sum(fractions))
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions, strict=False):
+        edge += frac / total
+        if u < edge:
+            return name
+    return SPLITS[len(fractions) - 1]
+
+
+def parse_fractions(text: str | Sequence[float] | None) -> tuple[float, float, float]:
+    """``"80,10,10"`` (percent or fractions) -> normalised (train, val, test) fractions."""
+    if text is None:
+        return DEFAULT_FRACTIONS
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    if len(values) != 3 or min(values) < 0 or sum(values) <= 0:
+        raise ValueError(f"--splits needs three non-negative numbers train,val,test; got {text!r}")
+    return tuple(v / sum(values) for v in values)  # type: ignore[return-value]
+
+
+def choose_split(res: ImageResult, fractions: Sequence[float], carve_val: bool = False) -> str:
+    """Official split when the source has one, else by hash. ``carve_val``: the source is
+    split only into train/test, so validation images come by hash from train
+    (val share = val / (train + val))."""
+    if res.split is None:
+        return hash_split(res.key, fractions)
+    if carve_val and res.split == "train" and fractions[1] > 0:
+        return hash_split(res.key, (fractions[0], fractions[1], 0.0))
+    return res.split
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write atomically; leave an identical existing file untouched (cheap, safe re-runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_coco(
+    out: str | Path,
+    results: list[ImageResult],
+    *,
+    source: str,
+    licence: str,
+    url: str,
+    categories: list[dict],
+    report: Report,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    options: dict | None = None,
+    annotation_only: bool = False,
+    carve_val: bool = False,
+) -> Path:
+    """Assign ids and splits, write the three annotation files and the report; print the counts."""
+    out = Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    kept = sorted((r for r in results if r.ok), key=lambda r: r.key)
+    seen: dict[str, str] = {}
+    for res in kept:
+        if res.file_name in seen:
+            report.problem(res.file_name, f"written by two source images ({seen[res.file_name]}, {res.key})")
+        seen[res.file_name] = res.key
+    info = {"description": f"{source} converted to COCO by cellrcnn", "source": source, "licence": licence,
+            "url": url, "converter": f"cellrcnn.data.converters ({source})",
+            "annotation_only": annotation_only, "options": options or {}}
+    docs = {s: {"info": {**info, "split": s}, "licenses": [{"id": 1, "name": licence, "url": url}],
+                "categories": categories, "images": [], "annotations": []} for s in SPLITS}
+    ann_id = 0
+    for image_id, res in enumerate(kept, start=1):
+        doc = docs[choose_split(res, fractions, carve_val)]
+        doc["images"].append({"id": image_id, "file_name": res.file_name, "height": res.height,
+                              "width": res.width, "source": source, **res.extra})
+        for ann in res.annotations:
+            ann_id += 1
+            doc["annotations"].append({"id": ann_id, "image_id": image_id, **ann})
+    for split, doc in docs.items():
+        text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False) + "\n"
+        write_bytes(out / "annotations" / f"{split}.json", text.encode("utf-8"))
+    _remove_stale_images(out, {r.file_name for r in kept} if not annotation_only else set())
+
+    n_read = sum(r.n_read for r in results)
+    dropped: dict[str, int] = {}
+    for res in results:
+        for reason, count in res.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    lost = sum(r.n_read - len(r.annotations) - sum(r.dropped.values()) for r in results if r.ok)
+    lost += sum(r.n_read for r in results if not r.ok)
+    summary = {"source": source, "images_read": sum(r.is_image for r in results), "images_written": len(kept),
+               "instances_read": n_read, "instances_written": ann_id, "dropped": dict(sorted(dropped.items())),
+               "instances_in_skipped_files": lost,
+               "splits": {s: {"images": len(d["images"]), "instances": len(d["annotations"])} for s, d in docs.items()},
+               "skipped": [{"file": n, "reason": r} for n, r in report.problems]}
+    write_bytes(out / "conversion.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+    print_summary(summary)
+    return out
+
+
+def _remove_stale_images(out: Path, keep: set[str]) -> None:
+    """Files of an earlier run that this run did not write would be orphans; remove them."""
+    root = out / "images"
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), reverse=True):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def print_summary(s: dict) -> None:
+    """``621 images, 24,006 instances read; 24,006 written`` plus drops, splits and skipped files."""
+    extra = ", ".join(f"{n:,} {why}" for why, n in s["dropped"].items())
+    print(f"{s['source']}: {s['images_read']:,} images, {s['instances_read']:,} instances read; "
+          f"{s['instances_written']:,} written" + (f" ({extra} dropped by rule)" if extra else ""))
+    print("  splits: " + ", ".join(f"{k} {v['images']:,} images / {v['instances']:,} instances"
+                                   for k, v in s["splits"].items()))
+    if s["images_written"] != s["images_read"] or s["instances_in_skipped_files"]:
+        print(f"  {s['images_read'] - s['images_written']:,} images and "
+              f"{s['instances_in_skipped_files']:,} instances not written because of the files below")
+    if s["skipped"]:
+        print(f"  skipped {len(s['skipped'])} file(s):")
+        for item in s["skipped"]:
+            print(f"    {item['file']}: {item['reason']}")

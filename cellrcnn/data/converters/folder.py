@@ -1,0 +1,133 @@
+"""A folder of images with integer label images (Cellpose, StarDist, ``_seg.npy``) -> COCO.
+
+Layouts (DATASETS.md §11), searched in ``src`` and in ``src/{train,val,test}`` (then the
+official split, with val carved from train by hash when only train/test exist):
+- StarDist: ``images/<name>`` + ``masks/<name>`` (same name; another label suffix is accepted);
+- Cellpose: ``<name>.<ext>`` + ``<name>_masks.<ext>`` in one folder (``mask_suffix``,
+  ``img_filter`` as Cellpose's ``--mask_filter``/``--img_filter``); files ending ``_masks``,
+  ``_flows``, ``_cellprob``, ``_cp_output``, ``_seg`` are not images;
+- Cellpose GUI: ``<name>_seg.npy`` next to ``<name>.<ext>`` (only its ``masks`` is used; the file is
+  a pickle, so convert only files you trust).
+Each non-zero label value is one instance (values need not be consecutive; a disconnected label
+stays one instance). Images are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellrcnn.data.converters.common import (
+    ConversionError,
+    ImageResult,
+    Report,
+    parse_fractions,
+    run_tasks,
+    write_bytes,
+    write_coco,
+)
+from cellrcnn.data.converters.instances import decode_image, label_annotations
+from cellrcnn.io import IMAGE_SUFFIXES, LABEL_SUFFIXES
+
+NAME = "folder"
+NOT_IMAGES = ("_masks", "_flows", "_cellprob", "_cp_output", "_seg", "_cp_masks")
+
+
+@dataclass
+class _Task:
+    key: str
+    file_name: str
+    image: str
+    labels: str
+    split: str | None
+    out_images: str
+
+
+def read_labels(path: str) -> np.ndarray:
+    """Label image file (TIFF/PNG/NPY or Cellpose ``_seg.npy``) -> 2-D int64 H×W."""
+    data = Path(path).read_bytes()
+    if path.endswith("_seg.npy"):
+        arr = np.load(io.BytesIO(data), allow_pickle=True).item()["masks"]
+    else:
+        arr = decode_image(data, path)
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[-1])):
+        arr = arr[..., 0]  # labels exported as equal-channel RGB
+    if arr.ndim != 2 or arr.dtype.kind not in "iub" or (arr.dtype.kind == "i" and arr.min() < 0):
+        raise ValueError(f"not a 2-D non-negative integer label image (shape {arr.shape}, dtype {arr.dtype})")
+    return arr.astype(np.int64)
+
+
+def _convert_image(task: _Task) -> ImageResult:
+    res = ImageResult(key=task.key, file_name=task.file_name, split=task.split)
+    with res.guard(task.image):
+        data = Path(task.image).read_bytes()
+        res.height, res.width = (int(v) for v in decode_image(data, task.image).shape[:2])
+        write_bytes(Path(task.out_images) / task.file_name, data)
+    if not res.ok:
+        return res
+    with res.guard(task.labels):
+        labels = read_labels(task.labels)
+        if labels.shape != (res.height, res.width):
+            raise ValueError(f"labels are {labels.shape} but the image is {(res.height, res.width)} (H×W)")
+        res.n_read = int(np.count_nonzero(np.unique(labels)))
+        res.annotations = label_annotations(labels)
+    return res
+
+
+def _first(candidates: list[Path]) -> Path | None:
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def find_pairs(folder: Path, mask_suffix: str, img_filter: str, report: Report) -> list[tuple[Path, Path]]:
+    """(image, label file) pairs in one folder, StarDist layout first, else Cellpose naming."""
+    if (folder / "images").is_dir() and (folder / "masks").is_dir():
+        pairs = []
+        for img in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            lab = _first([folder / "masks" / img.name] + [folder / "masks" / (img.stem + s) for s in LABEL_SUFFIXES])
+            if lab is None:
+                report.problem(str(img), f"no label image masks/{img.name}; skipped")
+            else:
+                pairs.append((img, lab))
+        return pairs
+    pairs = []
+    for img in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        stem = img.stem
+        if stem.endswith(NOT_IMAGES) or img.name.startswith("."):
+            continue
+        if img_filter:
+            if not stem.endswith(img_filter):
+                continue
+            stem = stem[: -len(img_filter)]
+        lab = _first([folder / f"{stem}{mask_suffix}{s}" for s in LABEL_SUFFIXES] + [folder / f"{img.stem}_seg.npy"])
+        if lab is None:
+            report.problem(str(img), f"no {stem}{mask_suffix}.* or {img.stem}_seg.npy label file; skipped")
+        else:
+            pairs.append((img, lab))
+    return pairs
+
+
+def convert(src: str | Path, out: str | Path, *, mask_suffix: str = "_masks", img_filter: str = "",
+            licence: str = "unspecified", name: str = NAME, splits: str | None = None, strict: bool = False,
+            workers: int | None = None) -> Path:
+    """Convert a folder of images + label images into COCO under ``out`` (``name`` tags the source)."""
+    report = Report(strict=strict)
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such folder")
+    groups = [(src / s, s) for s in ("train", "val", "test") if (src / s).is_dir()] or [(src, None)]
+    tasks = []
+    for folder, split in groups:
+        for img, lab in find_pairs(folder, mask_suffix, img_filter, report):
+            file_name = f"{split}/{img.name}" if split else img.name
+            tasks.append(_Task(file_name, file_name, str(img), str(lab), split, str(Path(out) / "images")))
+    if not tasks:
+        raise ConversionError(f"{src}: no image/label pairs found (StarDist images/+masks/, Cellpose *_masks.*, *_seg.npy)")
+    results = run_tasks(_convert_image, tasks, report, workers, desc=name)
+    official = {t.split for t in tasks}
+    return write_coco(out, results, source=name, licence=licence, url=str(src), report=report,
+                      categories=[{"id": 1, "name": "cell", "supercategory": "cell"}], fractions=parse_fractions(splits),
+                      carve_val="val" not in official, options={"mask_suffix": mask_suffix, "img_filter": img_filter})

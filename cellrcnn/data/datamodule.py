@@ -1,0 +1,247 @@
+"""LightningDataModule over a COCO dataset root, plus deterministic hash splits.
+
+Batches are ``(list[Tensor C×H×W], list[Target])`` (torchvision detection style): images
+keep their own sizes. Training samples are augmented (random crop to ``crop_size``, flips,
+rot90, intensity jitter); validation and test images are full, uncropped images.
+
+Determinism: the DataLoader gets a ``torch.Generator`` seeded with ``seed`` (it fixes the
+shuffling and the per-epoch base seed of every worker), and every training sample draws its
+augmentation generator from the process's seeded torch RNG: the main process's own
+generator when ``num_workers=0``, the worker's (seeded by torch from the base seed; numpy
+and ``random`` are seeded in :func:`seed_worker`) otherwise. The same seed and
+``num_workers`` give the same batches (0 and >0 workers give different, equally valid
+streams). Under DDP Lightning swaps in a distributed sampler, and the seed is offset by the
+global rank so ranks do not repeat each other's augmentations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from cellrcnn.data.coco import CocoInstanceDataset, to_tensors
+from cellrcnn.data.target import Target
+from cellrcnn.data.transforms import Compose, build_train_transforms
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """[(image, target), ...] -> ([images], [targets]) without stacking (sizes differ)."""
+    images, targets = zip(*batch, strict=True) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class AugmentedDataset(Dataset):
+    """A CocoInstanceDataset whose samples pass through seeded numpy transforms."""
+
+    def __init__(self, base: CocoInstanceDataset, transforms: Compose, seed: int = 0) -> None:
+        self.base, self.transforms = base, transforms
+        self._main_rng = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _sample_rng(self) -> np.random.Generator:
+        # in a worker the default torch RNG was seeded by the DataLoader (base seed + worker id)
+        generator = None if get_worker_info() is not None else self._main_rng
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return np.random.default_rng(seed)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image, target = self.base.load_numpy(index)
+        image, target = self.transforms(image, target, self._sample_rng())
+        return to_tensors(image, target)
+
+
+def split_by_hash(
+    ids: Sequence[Hashable], fractions: Sequence[float] = (0.9, 0.1), salt: str = ""
+) -> list[list[Hashable]]:
+    """Split ids into ``len(fractions)`` groups by a salted SHA-256 of each id.
+
+    An id's group depends only on the id and the salt (not on the order or the other ids),
+    so adding images never moves existing ones. Fractions are normalised to sum to 1.
+    Returns the groups in input order.
+    """
+    total = float(sum(fractions))
+    if total <= 0 or any(f < 0 for f in fractions):
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+    edges = np.cumsum(np.asarray(fractions, float) / total)
+    groups: list[list[Hashable]] = [[] for _ in fractions]
+    for i in ids:
+        digest = hashlib.sha256(f"{salt}:{i}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+        groups[min(int(np.searchsorted(edges, u, side="right")), len(groups) - 1)].append(i)
+    return groups
+
+
+def split_coco_file(
+    annotation_file: str | Path,
+    names: Sequence[str] = ("train", "val"),
+    fractions: Sequence[float] = (0.9, 0.1),
+    salt: str = "",
+    out_dir: str | Path | None = None,
+) -> list[Path]:
+    """Write ``<out_dir>/<name>.json`` per split of a COCO file, by :func:`split_by_hash` of image ids."""
+    from cellrcnn.data.coco import load_coco_json
+
+    annotation_file = Path(annotation_file)
+    if len(names) != len(fractions):
+        raise ValueError(f"{len(names)} names for {len(fractions)} fractions")
+    data = load_coco_json(annotation_file)
+    out_dir = Path(out_dir) if out_dir is not None else annotation_file.parent
+    groups = split_by_hash([im["id"] for im in data["images"]], fractions, salt)
+    paths = []
+    for name, ids in zip(names, groups, strict=True):
+        keep = set(ids)
+        part = dict(data)
+        part["images"] = [im for im in data["images"] if im["id"] in keep]
+        part["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+        part["info"] = {**data.get("info", {}), "split": name, "split_salt": salt}
+        path = out_dir / f"{name}.json"
+        path.write_text(json.dumps(part))
+        paths.append(path)
+    return paths
+
+
+class CellDataModule(L.LightningDataModule):
+    """Train/val/test loaders over ``<root>/annotations/<split>.json`` and ``<root>/images``.
+
+    Args:
+        root: dataset root (COCO layout of DESIGN.md).
+        train_split, val_split, test_split: split names (or paths to COCO files); None skips.
+        channels: model input channels, 1 or 3.
+        crop_size: training crop in pixels (None: full images); smaller images are zero-padded.
+        batch_size: training batch size; ``eval_batch_size`` for val/test (default the same).
+        num_workers: DataLoader workers (0 loads in the main process).
+        augment: False disables every training transform (crop included).
+        seed: fixes shuffling and augmentation.
+        min_area: cropped instances under this many pixels are dropped.
+        invert_p: probability of intensity inversion (dark-on-bright <-> bright-on-dark).
+        scale_range: e.g. (0.75, 1.33) for random rescaling; None disables it.
+        synthetic: when not None, ``prepare_data`` generates the synthetic dataset at ``root``
+            with these keyword arguments (``{}`` for the defaults) unless it is already there.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_split: str | None = "train",
+        val_split: str | None = "val",
+        test_split: str | None = "test",
+        channels: int = 3,
+        crop_size: int | None = 256,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        augment: bool = True,
+        seed: int = 0,
+        eval_batch_size: int | None = None,
+        min_area: int = 10,
+        invert_p: float = 0.0,
+        scale_range: tuple[float, float] | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        synthetic: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.channels, self.crop_size, self.batch_size = channels, crop_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.augment, self.seed = num_workers, augment, seed
+        self.min_area, self.invert_p = min_area, invert_p
+        self.scale_range = tuple(scale_range) if scale_range is not None else None
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.datasets: dict[str, Dataset] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    def annotation_file(self, split: str) -> Path:
+        """``<root>/annotations/<split>.json``, or ``split`` itself when it is a path to a JSON file."""
+        name = self.splits[split]
+        if name is None:
+            raise ValueError(f"no {split} split configured")
+        candidate = Path(name)
+        if candidate.suffix == ".json":
+            return candidate if candidate.is_absolute() else self.root / candidate
+        return self.root / "annotations" / f"{name}.json"
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from cellrcnn.data.synthetic import ensure_dataset
+
+            ensure_dataset(self.root, **self.synthetic)
+
+    def _rank_seed(self) -> int:
+        """``seed`` mixed with the global rank, so DDP ranks do not repeat each other's augmentations."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return self.seed + 1_000_003 * rank
+
+    def _dataset(self, split: str) -> CocoInstanceDataset:
+        return CocoInstanceDataset(
+            self.annotation_file(split), image_root=self.root / "images", channels=self.channels
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
+            if self.splits[split] is None or split in self.datasets:
+                continue
+            base = self._dataset(split)
+            if split == "train":
+                transforms = build_train_transforms(
+                    crop_size=self.crop_size if self.augment else None,
+                    min_area=self.min_area,
+                    flips=self.augment,
+                    rot90=self.augment,
+                    intensity=self.augment,
+                    invert_p=self.invert_p if self.augment else 0.0,
+                    scale_range=self.scale_range if self.augment else None,
+                )
+                self.datasets[split] = AugmentedDataset(base, transforms, self._rank_seed())
+            else:
+                self.datasets[split] = base
+
+    def _generator(self, split: str) -> torch.Generator:
+        # one generator per split for the module's life: a re-created loader continues the
+        # stream (new shuffles and worker seeds) instead of replaying the first epoch
+        if split not in self._generators:
+            self._generators[split] = torch.Generator().manual_seed(self._rank_seed())
+        return self._generators[split]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            worker_init_fn=seed_worker,
+            generator=self._generator(split),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", train=False) if self.splits["val"] is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,125 @@
+"""A plain U-Net whose outputs separate touching nuclei.
+
+Output representation (why two heads):
+
+- ``logits`` B×3×H×W: background / interior / boundary classes. The boundary class marks the
+  one-pixel inner edge of every object, so two touching nuclei are divided by a two-pixel band of
+  boundary (one from each side) and their interiors are disconnected. A 2-class foreground map
+  cannot express that split; the 3-class map is the DSB 2018 / Caicedo et al. (2019) baseline.
+- ``distance`` B×1×H×W (raw, pass through a sigmoid): the distance to the object edge divided
+  by the object's own maximum, so it is 1 at every object's centre and falls to 0 at its edge,
+  whatever the object's size. Seeds are taken where it is high, which keeps one seed per object
+  even when a thin or blurry boundary prediction fails to cut two interiors apart, and the
+  watershed floods down this map (see :mod:`cellrcnn.models.postprocess`).
+
+Inputs of any H×W are padded (reflect) to a multiple of ``2**depth`` and the outputs are
+cropped back, so validation on full images of odd sizes needs no care from the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_CLASSES = 3  # background, interior, boundary
+BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+
+
+def _groups(channels: int, max_groups: int) -> int:
+    """Largest group count <= max_groups that divides ``channels`` (GroupNorm requires it)."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class ConvBlock(nn.Sequential):
+    """(3×3 conv -> GroupNorm -> ReLU) twice; GroupNorm because CPU batches are small (2-8)."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm_groups: int = 8) -> None:
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_ch, norm_groups), out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_ch, norm_groups), out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net with a 3-class head and a normalised distance head.
+
+    Args:
+        in_channels: 1 (grayscale) or 3 (RGB / replicated grayscale).
+        depth: number of 2× down-samplings; inputs are padded to a multiple of ``2**depth``.
+        base_width: channels of the first level, doubled at every level below.
+        norm_groups: GroupNorm groups (reduced to a divisor of the channel count).
+        dropout: dropout probability at the bottleneck (0 disables it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        depth: int = 4,
+        base_width: int = 32,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.in_channels = in_channels
+        self.depth = depth
+        widths = [base_width * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList([ConvBlock(in_channels, widths[0], norm_groups)])
+        self.encoders.extend(ConvBlock(widths[i], widths[i + 1], norm_groups) for i in range(depth))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        # bilinear up-sampling + 1×1 conv instead of transposed convs: no checkerboard artefacts
+        self.ups = nn.ModuleList(nn.Conv2d(widths[i + 1], widths[i], 1) for i in reversed(range(depth)))
+        self.decoders = nn.ModuleList(
+            ConvBlock(2 * widths[i], widths[i], norm_groups) for i in reversed(range(depth))
+        )
+        self.class_head = nn.Conv2d(widths[0], NUM_CLASSES, 1)
+        self.distance_head = nn.Conv2d(widths[0], 1, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Inputs are padded internally to a multiple of this many pixels."""
+        return 2**self.depth
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        h, w = x.shape[-2:]
+        m = self.size_multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph == 0 and pw == 0:
+            return x, (h, w)
+        # reflect keeps image statistics at the border; it needs the pad to be smaller than the side
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: B×C×H×W float (C = ``in_channels``), any H, W.
+
+        Returns ``logits`` B×3×H×W (background, interior, boundary) and ``distance``
+        B×1×H×W raw scores (sigmoid gives the normalised distance in [0, 1]).
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects B×{self.in_channels}×H×W input, got shape {tuple(x.shape)}")
+        x, (h, w) = self._pad(x)
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = self.dropout(skips.pop())
+        for up, dec in zip(self.ups, self.decoders, strict=True):
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dec(torch.cat([skip, up(x)], dim=1))
+        return {
+            "logits": self.class_head(x)[..., :h, :w],
+            "distance": self.distance_head(x)[..., :h, :w],
+        }

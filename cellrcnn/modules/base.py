@@ -1,0 +1,216 @@
+"""What every instance-segmentation LightningModule shares: one training step, the optimiser and
+learning-rate schedule, validation/test through the :class:`~cellrcnn.evaluation.Evaluator`, and
+TensorBoard overlays.
+
+A subclass implements two methods and calls ``self.save_hyperparameters()`` in its ``__init__``
+(so a checkpoint alone rebuilds the model, see :func:`load_module`):
+
+- ``compute_losses(images, targets) -> dict[str, Tensor]``: scalar training losses by name;
+  their sum is optimised.
+- ``predict_instances(images) -> list[dict]``: per image ``masks`` uint8 N×H×W, ``boxes``
+  float32 N×4 xyxy, ``scores`` float32 N, ``labels`` int64 N (CPU tensors).
+
+Logged keys: ``train/<loss name>``, ``train/loss``, ``val/<metric>`` and ``test/<metric>`` with the
+Evaluator's metric names (``val/dsb_score``, ``val/segm_AP``, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Timer
+
+from ..evaluation.evaluator import Evaluator
+
+OPTIM_DEFAULTS: dict[str, Any] = {
+    "name": "adamw",  # adamw | sgd
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "momentum": 0.9,  # sgd only
+    "schedule": "cosine",  # cosine | step | constant (after the warm-up)
+    "warmup_steps": 100,
+    "warmup_start_factor": 0.01,
+    "min_lr_ratio": 0.02,  # cosine floor, as a fraction of lr
+    "milestones": (0.7, 0.9),  # step schedule: fractions of the run
+    "gamma": 0.1,  # step schedule: factor at each milestone
+    "total_steps": None,  # schedule length when the trainer has no step/epoch limit (max_time only)
+}
+
+
+def lr_factor(step: int, total: int, cfg: dict[str, Any], time_fraction: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` of ``total``.
+
+    Linear warm-up from ``warmup_start_factor`` to 1 over ``warmup_steps``, then cosine down to
+    ``min_lr_ratio``, step decay by ``gamma`` at ``milestones`` (fractions of the run), or constant.
+    ``time_fraction`` is the share of a wall-time budget already used: the schedule follows
+    whichever of steps and time is further along, so a run stopped by ``max_time`` still ends
+    annealed.
+    """
+    warm = int(cfg["warmup_steps"])
+    if step < warm:
+        start = float(cfg["warmup_start_factor"])
+        return start + (1.0 - start) * step / warm
+    if cfg["schedule"] == "constant":
+        return 1.0
+    if cfg["schedule"] == "step":
+        passed = sum(step >= m * total or time_fraction >= m for m in cfg["milestones"])
+        return float(cfg["gamma"]) ** passed
+    if cfg["schedule"] == "cosine":
+        progress = min(1.0, max((step - warm) / max(1, total - warm), time_fraction))
+        floor = float(cfg["min_lr_ratio"])
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"optim.schedule must be cosine, step or constant, got {cfg['schedule']!r}")
+
+
+class InstanceSegModule(L.LightningModule):
+    """Base LightningModule; see the module docstring for the subclass contract.
+
+    Args:
+        optim: optimiser and schedule settings, keys of :data:`OPTIM_DEFAULTS` (missing keys
+            take the defaults).
+        log_images: validation images drawn into the TensorBoard overlay grid each epoch.
+        iou_thresholds: Evaluator matching thresholds.
+        coco_metrics: compute COCO AP during validation (pycocotools; slower on big sets).
+    """
+
+    def __init__(
+        self,
+        optim: dict[str, Any] | None = None,
+        log_images: int = 4,
+        iou_thresholds: tuple[float, ...] = (0.5, 0.7),
+        coco_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        unknown = set(optim or {}) - set(OPTIM_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown optim settings {sorted(unknown)}; known: {sorted(OPTIM_DEFAULTS)}")
+        self.optim = {**OPTIM_DEFAULTS, **(optim or {})}
+        self.log_images = log_images
+        self.evaluator = Evaluator(iou_thresholds=tuple(iou_thresholds), coco=coco_metrics)
+        self._shown: list[tuple[torch.Tensor, dict, dict]] = []
+
+    # ---------------------------------------------------------------- subclass contract
+    def compute_losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict_instances(self, images: list[torch.Tensor]) -> list[dict]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.compute_losses(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} ({parts}); "
+                "lower optim.lr, raise optim.warmup_steps or set trainer.gradient_clip_val"
+            )
+        n = len(images)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on norms and biases
+        groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg["name"] == "adamw":
+            opt = torch.optim.AdamW(groups, lr=float(cfg["lr"]))
+        elif cfg["name"] == "sgd":
+            opt = torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]))
+        else:
+            raise ValueError(f"optim.name must be adamw or sgd, got {cfg['name']!r}")
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total):
+            total = cfg["total_steps"] or int(cfg["warmup_steps"]) * 10
+        clock = self._time_fraction_clock()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, int(total), cfg, clock()))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _time_fraction_clock(self):
+        """A function returning the used share of the trainer's ``max_time`` (0 without one)."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None) if self._trainer else None
+        if timer is None:
+            return lambda: 0.0
+
+        def fraction() -> float:
+            elapsed = timer.time_elapsed()
+            remaining = timer.time_remaining()
+            return 0.0 if remaining is None else elapsed / max(elapsed + remaining, 1e-9)
+
+        return fraction
+
+    # ---------------------------------------------------------------- validation / test
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+        self._shown = []
+
+    def validation_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
+        images, targets = batch
+        predictions = self.predict_instances(images)
+        for image, target, pred in zip(images, targets, predictions, strict=True):
+            self.evaluator.update(target, pred)
+            if len(self._shown) < self.log_images:
+                self._shown.append((image.cpu(), {"masks": target["masks"].cpu()}, pred))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+        if not self.trainer.sanity_checking:
+            self._log_overlays()
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, split: str) -> None:
+        metrics = self.evaluator.compute()  # already gathered across ranks: identical on each
+        for name, value in metrics.items():
+            if name.startswith("n_") or not np.isfinite(value):
+                continue
+            self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
+        self.last_metrics = {f"{split}/{k}": v for k, v in metrics.items()}
+
+    def _log_overlays(self) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not self._shown or not hasattr(experiment, "add_image") or self.global_rank != 0:
+            return
+        from ..viz import tp_fp_fn_grid
+
+        grid = tp_fp_fn_grid(self._shown)
+        experiment.add_image("val/overlay_tp_fp_fn", grid, self.global_step, dataformats="HWC")
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["cellrcnn_module"] = f"{cls.__module__}.{cls.__qualname__}"
+
+
+def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> InstanceSegModule:
+    """Rebuild a trained module from its checkpoint alone (class and hyper-parameters are stored in it)."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
+    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    target = checkpoint.get("cellrcnn_module")
+    if target is None:
+        raise ValueError(f"{ckpt_path}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")
+    module_name, _, cls_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    model = cls(**checkpoint.get("hyper_parameters", {}))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model

@@ -1,0 +1,117 @@
+"""Mask R-CNN as a LightningModule: losses, instance prediction, box-only targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..models.maskrcnn import build_maskrcnn
+from .base import InstanceSegModule
+
+
+class MaskRCNNModule(InstanceSegModule):
+    """Trains and runs :func:`cellrcnn.models.maskrcnn.build_maskrcnn`.
+
+    Args:
+        net: keyword arguments of ``build_maskrcnn`` (backbone, preset, anchor sizes, RPN/RoI
+            sampling...); stored in the checkpoint so ``load_module(ckpt)`` rebuilds the model.
+        optim: optimiser/schedule settings (see ``cellrcnn.modules.base.OPTIM_DEFAULTS``).
+        score_threshold: detections scoring below this are dropped by ``predict_instances``.
+        mask_threshold: mask probabilities above this are foreground.
+        log_images, iou_thresholds, coco_metrics: see :class:`InstanceSegModule`.
+
+    Box-only annotations (``has_mask`` False, e.g. BBBC041) train the RPN and box head but never
+    the mask head: torchvision's mask loss has no per-object switch, so an image whose objects are
+    not all masked is run through the model with the mask branch disabled (a second forward pass
+    when a batch mixes both kinds). Such images would otherwise teach the mask head empty masks.
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        score_threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        log_images: int = 4,
+        iou_thresholds: tuple[float, ...] = (0.5, 0.7),
+        coco_metrics: bool = True,
+    ) -> None:
+        super().__init__(optim=optim, log_images=log_images, iou_thresholds=iou_thresholds, coco_metrics=coco_metrics)
+        self.save_hyperparameters()
+        self.net = build_maskrcnn(**(net or {}))
+        self.in_channels = int((net or {}).get("in_channels", 3))
+        self.score_threshold = score_threshold
+        # the mask head and mask pasting then run only on detections that are kept (COCO AP is
+        # computed from these too, so it ignores detections below the threshold)
+        self.net.roi_heads.score_thresh = score_threshold
+        self.mask_threshold = mask_threshold
+
+    # ---------------------------------------------------------------- training
+    def _run(self, images: list[torch.Tensor], targets: list[dict], with_masks: bool) -> dict[str, torch.Tensor]:
+        heads = self.net.roi_heads
+        if with_masks:
+            return self.net(images, targets)
+        saved = heads.mask_roi_pool
+        heads.mask_roi_pool = None  # RoIHeads.has_mask() is False: no mask loss, masks not required
+        try:
+            losses = self.net(images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])
+        finally:
+            heads.mask_roi_pool = saved
+        # zero-valued term touching the mask branch: DDP then sees a gradient for every parameter
+        unused = sum(p.sum() for p in (*heads.mask_head.parameters(), *heads.mask_predictor.parameters()))
+        losses["loss_mask"] = unused * 0.0
+        return losses
+
+    def compute_losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Mask R-CNN losses (``loss_classifier``, ``loss_box_reg``, ``loss_mask``,
+        ``loss_objectness``, ``loss_rpn_box_reg``) averaged over the batch's images."""
+        clean = [self._clean(t) for t in targets]
+        masked = [bool(t["has_mask"].all()) for t in clean]
+        groups = [(flag, [i for i, m in enumerate(masked) if m == flag]) for flag in (True, False)]
+        total: dict[str, torch.Tensor] = {}
+        for with_masks, idx in groups:
+            if not idx:
+                continue
+            losses = self._run([images[i] for i in idx], [clean[i] for i in idx], with_masks)
+            weight = len(idx) / len(images)
+            for k, v in losses.items():
+                total[k] = total.get(k, 0.0) + weight * v
+        return total
+
+    @staticmethod
+    def _clean(target: dict) -> dict:
+        """Drop degenerate boxes (zero width or height), which torchvision rejects."""
+        boxes = target["boxes"].float()
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return {
+            "boxes": boxes[keep],
+            "labels": target["labels"][keep],
+            "masks": target["masks"][keep],
+            "has_mask": target["has_mask"][keep],
+        }
+
+    # ---------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict_instances(self, images: list[torch.Tensor]) -> list[dict]:
+        """Per image: ``masks`` uint8 N×H×W, ``boxes`` float32 N×4, ``scores`` N, ``labels`` N (CPU),
+        detections with score >= ``score_threshold`` in decreasing score order."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            outputs = self.net([im.to(self.device, torch.float32) for im in images])
+        finally:
+            self.net.train(was_training)
+        results = []
+        for out, im in zip(outputs, images, strict=True):
+            keep = out["scores"] >= self.score_threshold
+            masks = out["masks"][keep][:, 0] > self.mask_threshold if "masks" in out else torch.zeros(0, *im.shape[-2:])
+            results.append(
+                {
+                    "masks": masks.to(torch.uint8).cpu(),
+                    "boxes": out["boxes"][keep].float().cpu(),
+                    "scores": out["scores"][keep].float().cpu(),
+                    "labels": out["labels"][keep].long().cpu(),
+                }
+            )
+        return results

@@ -1,0 +1,182 @@
+"""UNetModule: a U-Net trained on 3-class + distance targets, predicting instances by watershed.
+
+Training (one shared step): the instance masks of every crop are encoded on the fly by
+:func:`cellrcnn.models.postprocess.targets_to_unet_maps`; the loss is class-weighted
+cross-entropy (the boundary class is rare and decides whether touching nuclei split) plus a
+soft Dice on the interior and boundary classes (insensitive to how much background a crop
+holds) plus the mean squared error of the sigmoid distance map.
+Images with box-only objects (``has_mask`` False) carry no pixel labels and are ignored.
+
+Prediction: full images of any size (the net pads to a multiple of ``2**depth``), softmax and
+sigmoid, then :func:`cellrcnn.models.postprocess.unet_outputs_to_labels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cellrcnn.models.postprocess import labels_to_instances, targets_to_unet_maps, unet_outputs_to_labels
+from cellrcnn.models.unet import NUM_CLASSES, UNet
+from cellrcnn.modules.base import InstanceSegModule
+
+IGNORE = -100  # class target of padding and of images without masks
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """C×H×W -> channels×H×W: grayscale is repeated, RGB is averaged to gray."""
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 1:
+        return image.expand(channels, -1, -1)
+    if channels == 1:
+        return image.mean(dim=0, keepdim=True)
+    raise ValueError(f"cannot feed a {image.shape[0]}-channel image to a {channels}-channel U-Net")
+
+
+def encode_batch(
+    images: Sequence[torch.Tensor], targets: Sequence[dict], channels: int, boundary_width: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack images (zero-padded to the largest H, W) and encode their U-Net targets.
+
+    Returns ``x`` B×C×H×W float, ``classes`` B×H×W int64 (``IGNORE`` on padding and on images
+    with box-only objects) and ``distance`` B×H×W float in [0, 1].
+    """
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    device = images[0].device
+    x = torch.zeros(len(images), channels, h, w, device=device)
+    classes = torch.full((len(images), h, w), IGNORE, dtype=torch.int64)
+    distance = torch.zeros(len(images), h, w)
+    for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+        ih, iw = image.shape[-2:]
+        x[i, :, :ih, :iw] = match_channels(image, channels)
+        if not bool(torch.as_tensor(target["has_mask"]).all()):
+            continue
+        cls, dist = targets_to_unet_maps(target["masks"], boundary_width)
+        classes[i, :ih, :iw] = torch.from_numpy(cls)
+        distance[i, :ih, :iw] = torch.from_numpy(dist)
+    return x, classes.to(device), distance.to(device)
+
+
+def unet_losses(
+    outputs: dict[str, torch.Tensor],
+    classes: torch.Tensor,
+    distance: torch.Tensor,
+    class_weights: Sequence[float] = (1.0, 1.0, 3.0),
+    dice_weight: float = 1.0,
+    distance_weight: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """Weighted loss terms ``loss_class``, ``loss_dice``, ``loss_distance``; their sum is the
+    training loss (every term is zero when no pixel is labelled).
+
+    Args:
+        outputs: UNet outputs, ``logits`` B×3×H×W and ``distance`` B×1×H×W (raw).
+        classes: B×H×W int64 targets with ``IGNORE`` where unlabelled.
+        distance: B×H×W normalised distance targets.
+    """
+    logits = outputs["logits"]
+    valid = classes != IGNORE
+    if not bool(valid.any()):
+        zero = logits.sum() * 0.0  # keeps the graph so DDP sees every parameter used
+        return {"loss_class": zero, "loss_dice": zero, "loss_distance": zero}
+    weight = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+    loss_class = F.cross_entropy(logits, classes, weight=weight, ignore_index=IGNORE)
+
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(classes.clamp(min=0), NUM_CLASSES).permute(0, 3, 1, 2).to(probs.dtype)
+    v = valid.unsqueeze(1).to(probs.dtype)
+    inter = (probs * onehot * v).sum(dim=(0, 2, 3))[1:]
+    denom = ((probs + onehot) * v).sum(dim=(0, 2, 3))[1:]
+    loss_dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()  # +1: an empty crop costs nothing
+
+    pred_dist = outputs["distance"][:, 0].sigmoid()
+    loss_distance = F.mse_loss(pred_dist[valid], distance[valid])
+    return {
+        "loss_class": loss_class,
+        "loss_dice": dice_weight * loss_dice,
+        "loss_distance": distance_weight * loss_distance,
+    }
+
+
+class UNetModule(InstanceSegModule):
+    """U-Net baseline under the shared LightningModule base.
+
+    Args:
+        net: :class:`UNet` keyword arguments (``in_channels``, ``depth``, ``base_width``, ...);
+            a plain mapping so the checkpoint's hyper-parameters rebuild the model.
+        class_weights: cross-entropy weights of background, interior, boundary.
+        dice_weight, distance_weight: weights of the Dice and distance losses.
+        boundary_width: boundary band thickness of the training targets, pixels.
+        postprocess: keyword arguments of :func:`unet_outputs_to_labels` (thresholds, sizes).
+        optim, log_images, iou_thresholds, coco_metrics: see :class:`InstanceSegModule`.
+    """
+
+    def __init__(
+        self,
+        net: dict | None = None,
+        class_weights: Sequence[float] = (1.0, 1.0, 3.0),
+        dice_weight: float = 1.0,
+        distance_weight: float = 2.0,
+        boundary_width: int = 1,
+        postprocess: dict | None = None,
+        optim: dict | None = None,
+        log_images: int = 4,
+        iou_thresholds: Sequence[float] = (0.5, 0.7),
+        coco_metrics: bool = True,
+    ) -> None:
+        super().__init__(
+            optim=optim,
+            log_images=log_images,
+            iou_thresholds=tuple(iou_thresholds),
+            coco_metrics=coco_metrics,
+        )
+        # plain containers (not Hydra's DictConfig) in the checkpoint's hyper-parameters
+        net, postprocess = dict(net or {}), dict(postprocess or {})
+        class_weights, iou_thresholds = [float(c) for c in class_weights], [float(t) for t in iou_thresholds]
+        optim = dict(optim) if optim is not None else None
+        self.save_hyperparameters()
+        if len(class_weights) != NUM_CLASSES:
+            raise ValueError(
+                f"class_weights needs {NUM_CLASSES} values (background, interior, boundary), got {class_weights}"
+            )
+        self.net = UNet(**net)
+        self.class_weights = tuple(class_weights)
+        self.dice_weight, self.distance_weight = float(dice_weight), float(distance_weight)
+        self.boundary_width = int(boundary_width)
+        self.postprocess = postprocess
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: B×C×H×W -> UNet outputs (``logits`` B×3×H×W, ``distance`` B×1×H×W raw)."""
+        return self.net(x)
+
+    def compute_losses(
+        self, images: Sequence[torch.Tensor], targets: Sequence[dict]
+    ) -> dict[str, torch.Tensor]:
+        """The shared step: encode targets, run the net, return the weighted loss terms (summed by the base)."""
+        x, classes, distance = encode_batch(images, targets, self.net.in_channels, self.boundary_width)
+        return unet_losses(
+            self.net(x), classes, distance, self.class_weights, self.dice_weight, self.distance_weight
+        )
+
+    @torch.no_grad()
+    def predict_instances(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """list of C×H×W float images -> list of instance dicts (masks uint8 N×H×W, boxes
+        float32 N×4 xyxy, scores float32 N, labels int64 N; CPU tensors), one image at a time
+        because sizes differ."""
+        was_training = self.training
+        self.eval()
+        try:
+            results = []
+            for image in images:
+                x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
+                out = self.net(x.unsqueeze(0))
+                probs = out["logits"][0].softmax(dim=0).cpu().numpy()
+                dist = out["distance"][0, 0].sigmoid().cpu().numpy()
+                labels, scores = unet_outputs_to_labels(probs, dist, **self.postprocess)
+                results.append(labels_to_instances(labels, scores))
+            return results
+        finally:
+            self.train(was_training)

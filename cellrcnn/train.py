@@ -1,0 +1,98 @@
+"""``python train.py``: fit a model on a dataset, then evaluate it on the test split.
+
+Only :func:`run` sees the Hydra config; everything it builds is a ``_target_`` with explicit
+keyword arguments (``conf/``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig
+
+from .evaluate import metrics_table
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """The Hydra run folder (the working directory when run without Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[L.Callback]:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not with_logger:  # the learning-rate monitor needs a logger to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the test metrics (or {})."""
+    start = time.perf_counter()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = _output_dir(cfg)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks = build_callbacks(cfg, with_logger=bool(logger))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not cfg.get("test") or trainer.interrupted or getattr(trainer, "fast_dev_run", False):
+        return {}
+
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    use_best = cfg.get("test_weights", "best") == "best" and best
+    trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
+    metrics = {k: float(v) for k, v in model.last_metrics.items()}
+    if trainer.is_global_zero:
+        weights = f"best checkpoint {best}" if use_best else "final weights"
+        title = f"{cfg.get('name', 'run')}: test split, {weights}"
+        table = metrics_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out_dir / "metrics.md").write_text(table + "\n")
+        print("\n" + table)
+        print(f"\nrun folder: {out_dir}  (wall time {time.perf_counter() - start:.0f} s since start of run)")
+    return metrics
+
+
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(
+    config_name: str = "train", overrides: list[str] | tuple[str, ...] = (), output_dir: str | Path | None = None
+) -> DictConfig:
+    """The config ``python <config_name>.py <overrides>`` would run with, for notebooks and tests.
+
+    ``output_dir`` stands in for Hydra's run folder (``${hydra:runtime.output_dir}``).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(Path(output_dir or Path.cwd()).resolve())
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg

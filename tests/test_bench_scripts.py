@@ -1,0 +1,115 @@
+"""Smoke runs of the benchmark scripts (tiny budgets and sizes) and the shipped nuclei model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "cellrcnn" / "weights" / "nuclei.ckpt"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_speed_smoke(tmp_path):
+    speed = _load_script("speed")
+    result = speed.main(["--models", "cell,unet", "--batch", "1", "--crop", "64", "--big", "96", "--warmup", "1",
+                         "--iters", "1", "--infer-iters", "1", "--big-iters", "1", "--threads", "1",
+                         "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert set(saved["rows"]) == {"maskrcnn_cell", "unet"}
+    cell = saved["rows"]["maskrcnn_cell"]
+    assert cell["max_detections"] >= 1000  # the preset must be able to return crowded fields
+    assert cell["train_img_per_s"] > 0 and cell["infer_ms_per_MP"] > 0
+    assert result["env_start"]["torch_threads"] == 1 and "load average" in result["env_start"]["uptime"]
+    assert "| maskrcnn_cell |" in (tmp_path / "speed.md").read_text()
+
+
+def test_speed_stock_model_keeps_torchvision_defaults():
+    speed = _load_script("speed")
+
+    class Args:
+        maskrcnn_ckpt = None
+        unet_ckpt = None
+
+    (stock,) = speed.build_runners(["stock"], Args)
+    assert stock.stock and stock.model.transform.min_size == (800,)
+    assert stock.model.roi_heads.detections_per_img == 100
+    assert stock.model.roi_heads.score_thresh == 0.0  # saturated comparison (see the script's docstring)
+
+
+def test_dsb_split_is_deterministic_by_image_id(tmp_path):
+    from cellrcnn.data.synthetic import generate_dataset
+
+    dsb = _load_script("dsb2018")
+    root = generate_dataset(tmp_path / "syn", n_train=12, n_val=4, n_test=4, size=64, seed=1)
+    counts = dsb.write_split(Path(root))
+    assert sum(counts.values()) == 20
+    train = json.loads((Path(root) / "annotations" / "dsb_train90.json").read_text())
+    val = json.loads((Path(root) / "annotations" / "dsb_val10.json").read_text())
+    ids_train, ids_val = {im["id"] for im in train["images"]}, {im["id"] for im in val["images"]}
+    assert not ids_train & ids_val and len(ids_train | ids_val) == 20
+    assert all(a["image_id"] in ids_val for a in val["annotations"])
+    # an image's split depends only on its ImageId: the same rule gives the same answer
+    from cellrcnn.data.datamodule import split_by_hash
+
+    stems = sorted(Path(im["file_name"]).stem for im in train["images"] + val["images"])
+    expect_val = set(split_by_hash(stems, (0.9, 0.1), salt=dsb.SALT)[1])
+    assert {Path(im["file_name"]).stem for im in val["images"]} == expect_val
+    assert dsb.write_split(Path(root)) == counts  # re-running changes nothing
+
+
+@pytest.mark.slow
+def test_dsb_benchmark_smoke(tmp_path):
+    """Both trainings through train.py (a few steps), evaluation and the results tables."""
+    from cellrcnn.data.synthetic import generate_dataset
+
+    dsb = _load_script("dsb2018")
+    root = generate_dataset(tmp_path / "syn", n_train=6, n_val=2, n_test=2, size=64, seed=2)
+    out = tmp_path / "results"
+    dsb.main(["--budget-min", "1", "--root", str(root), "--runs", str(tmp_path / "runs"), "--out", str(out),
+              "--eval-limit", "2", "--override", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "data.batch_size=2", "data.crop_size=64", "data.num_workers=0", "logger=none"])
+    saved = json.loads((out / "dsb2018.json").read_text())
+    assert set(saved["results"]) == {"maskrcnn", "unet", "classical"}
+    for metrics in saved["results"].values():
+        assert 0.0 <= metrics["dsb_score"] <= 1.0 and metrics["infer_s_per_image"] > 0
+    assert saved["results"]["maskrcnn"]["global_step"] == 2
+    table = (out / "dsb2018.md").read_text()
+    assert "Otsu + watershed" in table and "dsb_score" in table
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")
+def test_shipped_model_loads_and_finds_synthetic_nuclei():
+    from cellrcnn.evaluation.evaluator import Evaluator
+    from cellrcnn.modules.base import load_module
+
+    speed = _load_script("speed")
+    assert WEIGHTS.stat().st_size <= 25 * 2**20
+    torch.set_num_threads(1)
+    model = load_module(WEIGHTS)
+    channels = int(dict(model.hparams)["net"]["in_channels"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    evaluator = Evaluator(coco=False)
+    for seed in (11, 12):
+        image, target = speed.synthetic_sample(seed, 256, channels)
+        pred = model.predict_instances([image])[0]
+        assert pred["masks"].shape[-2:] == (256, 256) and pred["masks"].dtype == torch.uint8
+        evaluator.update(target, pred)
+    metrics = evaluator.compute()
+    # trained on DSB2018 only, it still finds most procedural nuclei (an untrained net scores ~0)
+    assert metrics["f1@0.5"] > 0.5, metrics
+    assert np.isfinite(metrics["dsb_score"])

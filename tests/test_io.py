@@ -1,0 +1,149 @@
+"""Image and label-image IO: every bit depth and layout the sources use, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellrcnn.io import (
+    ImageReadError,
+    image_files,
+    label_dtype,
+    load_image,
+    normalize_percentile,
+    prepare_image,
+    read_image,
+    read_label_image,
+    write_label_image,
+)
+
+RNG = np.random.default_rng(0)
+GREY8 = RNG.integers(0, 256, (13, 17), dtype=np.uint8)
+GREY16 = RNG.integers(0, 65536, (13, 17), dtype=np.uint16)
+RGB8 = RNG.integers(0, 256, (13, 17, 3), dtype=np.uint8)
+
+
+def test_grey_8bit_png(tmp_path):
+    Image.fromarray(GREY8).save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.dtype == np.uint8 and np.array_equal(out, GREY8)
+
+
+def test_grey_16bit_png_and_tiff(tmp_path):
+    Image.fromarray(GREY16).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", GREY16)
+    for name in ("a.png", "a.tif"):
+        out = read_image(tmp_path / name)
+        assert out.dtype == np.uint16 and np.array_equal(out, GREY16), name
+
+
+def test_rgba_png_drops_alpha(tmp_path):
+    rgba = np.dstack([RGB8, np.full(RGB8.shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (13, 17, 3) and np.array_equal(out, RGB8)
+
+
+def test_rgb_tiff_interleaved_and_planar(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", RGB8, photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "planar.tif", np.moveaxis(RGB8, -1, 0), photometric="rgb", planarconfig="separate"
+    )
+    assert np.array_equal(read_image(tmp_path / "rgb.tif"), RGB8)
+    assert np.array_equal(read_image(tmp_path / "planar.tif"), RGB8)
+
+
+def test_rgb_jpeg_is_close(tmp_path):
+    smooth = np.repeat(np.linspace(0, 255, 17, dtype=np.uint8)[None, :, None], 13, 0).repeat(3, -1)
+    Image.fromarray(smooth).save(tmp_path / "a.jpg", quality=95)
+    out = read_image(tmp_path / "a.jpg")
+    assert out.shape == (13, 17, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - smooth).max() <= 8  # lossy, but close
+
+
+def test_one_bit_png(tmp_path):
+    bits = GREY8 > 128
+    Image.fromarray(bits).convert("1").save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.dtype == bool and np.array_equal(out, bits)
+    image = load_image(tmp_path / "a.png", channels=1)
+    assert image.shape == (1, 13, 17) and image.dtype == np.float32
+    assert np.array_equal(image[0] > 0.5, bits)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_corrupt_file_error_names_it(tmp_path, content):
+    path = tmp_path / "broken_field_07.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match="broken_field_07.png"):
+        read_image(path)
+
+
+def test_missing_file_error_names_it(tmp_path):
+    with pytest.raises(ImageReadError, match="nowhere.tif"):
+        read_image(tmp_path / "nowhere.tif")
+
+
+def test_normalize_percentile_known_answer():
+    image = np.arange(1001, dtype=np.float32)  # 1st percentile = 10, 99.8th = 998
+    out = normalize_percentile(image)
+    assert out[10] == pytest.approx(0.0, abs=1e-6) and out[998] == pytest.approx(1.0, abs=1e-6)
+    assert out[504] == pytest.approx(0.5, abs=1e-6)
+    flat = normalize_percentile(np.full((4, 4), 7.0))
+    assert np.all(flat == 0.0)  # a blank field stays flat, noise is not amplified
+
+
+def test_same_picture_at_8_and_16_bit_gives_same_input():
+    a = prepare_image(GREY8.astype(np.uint8), 1)
+    b = prepare_image(GREY8.astype(np.uint16) * 257, 1)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_prepare_image_channels():
+    three = prepare_image(GREY8, 3)
+    assert three.shape == (3, 13, 17) and np.array_equal(three[0], three[2])
+    one = prepare_image(RGB8, 1)
+    expected = normalize_percentile(RGB8.astype(np.float32).mean(-1))
+    np.testing.assert_allclose(one[0], expected, atol=1e-5)
+    with pytest.raises(ValueError):
+        prepare_image(GREY8, 2)
+
+
+@pytest.mark.parametrize("top, dtype", [(300, np.uint16), (70_000, np.uint32)])
+def test_label_image_round_trip(tmp_path, top, dtype):
+    labels = np.zeros((40, 50), np.int64)
+    labels[1:5, 1:5] = 1
+    labels[10:20, 30:45] = top  # non-consecutive labels survive
+    labels[30:35, 2:4] = 2
+    path = write_label_image(tmp_path / "labels.tif", labels)
+    assert tifffile.imread(path).dtype == dtype
+    back = read_label_image(path)
+    assert back.dtype == np.int64 and np.array_equal(back, labels)
+    assert label_dtype(top) == dtype
+
+
+def test_label_image_png_npy_and_rgb_equal_channels(tmp_path):
+    labels = np.zeros((8, 9), np.uint16)
+    labels[2:4, 2:6] = 3
+    Image.fromarray(labels).save(tmp_path / "l.png")
+    np.save(tmp_path / "l.npy", labels.astype(np.int32))
+    tifffile.imwrite(tmp_path / "rgb.tif", np.dstack([labels.astype(np.uint8)] * 3), photometric="rgb")
+    for name in ("l.png", "l.npy", "rgb.tif"):
+        assert np.array_equal(read_label_image(tmp_path / name), labels), name
+
+
+def test_label_image_rejects_ambiguous_content(tmp_path):
+    np.save(tmp_path / "frac.npy", np.array([[0.0, 1.5]]))
+    with pytest.raises(ImageReadError, match="frac.npy"):
+        read_label_image(tmp_path / "frac.npy")
+    tifffile.imwrite(tmp_path / "colour.tif", RGB8, photometric="rgb")
+    with pytest.raises(ImageReadError, match="colour.tif"):
+        read_label_image(tmp_path / "colour.tif")
+
+
+def test_image_files_sorted_and_filtered(tmp_path):
+    for name in ("b.png", "a.TIF", ".hidden.png", "notes.txt", "._a.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in image_files(tmp_path)] == ["a.TIF", "b.png"]

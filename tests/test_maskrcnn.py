@@ -1,0 +1,142 @@
+"""Mask R-CNN builder, module losses (box-only targets, non-finite loss), schedule and overlays."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cellrcnn.data.masks import masks_to_boxes_xyxy
+from cellrcnn.models.maskrcnn import NativeResolutionTransform, build_maskrcnn
+from cellrcnn.modules import MaskRCNNModule
+from cellrcnn.modules.base import OPTIM_DEFAULTS, lr_factor
+from cellrcnn.viz import FN_COLOR, FP_COLOR, TP_COLOR, overlay_tp_fp_fn
+
+TINY = {"backbone": "resnet18", "preset": "cell", "returned_layers": [1, 2, 3], "fpn_channels": 32,
+        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32,
+        "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 50}
+
+
+def disks(n: int = 3, size: int = 64, channels: int = 3, seed: int = 0):
+    """An image with n bright disks of radius 6 and its Target (known boxes and masks)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    masks = []
+    for _ in range(n):
+        cy, cx = rng.integers(10, size - 10, 2)
+        masks.append(((yy - cy) ** 2 + (xx - cx) ** 2 < 36).astype(np.uint8))
+    masks = np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)
+    image = torch.from_numpy(masks.max(0, initial=0).astype(np.float32))[None].repeat(channels, 1, 1)
+    target = {"boxes": torch.from_numpy(masks_to_boxes_xyxy(masks)).float(), "labels": torch.ones(n, dtype=torch.int64),
+              "masks": torch.from_numpy(masks), "has_mask": torch.ones(n, dtype=torch.bool), "image_id": seed}
+    return image, target
+
+
+@pytest.mark.parametrize("backbone,preset", [("resnet18", "cell"), ("resnet34", "cell"), ("resnet50", "default")])
+def test_build_parts_for_nuclei(backbone, preset):
+    model = build_maskrcnn(backbone=backbone, preset=preset)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # GroupNorm throughout
+    assert any(isinstance(m, nn.GroupNorm) for m in model.backbone.fpn.modules())
+    assert all(p.requires_grad for p in model.parameters())  # no frozen stages
+    assert model.roi_heads.detections_per_img >= 1000  # the stock 100 truncates crowded fields
+    assert [s[0] for s in model.rpn.anchor_generator.sizes] == [8, 16, 32, 64, 128]
+    assert model.backbone.out_channels == (256 if preset == "default" else 96)
+
+
+def test_native_resolution_and_one_channel():
+    model = build_maskrcnn(in_channels=1, **TINY).eval()
+    assert isinstance(model.transform, NativeResolutionTransform)
+    assert model.backbone.body.conv1.in_channels == 1
+    images, _ = model.transform([torch.rand(1, 96, 80), torch.rand(1, 50, 70)])
+    assert images.image_sizes == [(96, 80), (50, 70)]  # not rescaled (torchvision would scale to 800)
+    assert images.tensors.shape[-2:] == (96, 96)  # padded to a multiple of 32
+
+
+def test_resize_when_min_size_given():
+    model = build_maskrcnn(min_size=128, max_size=512, **TINY).eval()
+    images, _ = model.transform([torch.rand(3, 64, 64)])
+    assert images.image_sizes == [(128, 128)]
+
+
+def test_unknown_backbone_is_named():
+    with pytest.raises(ValueError, match="resnet101"):
+        build_maskrcnn(backbone="resnet101")
+
+
+def test_losses_and_predict_instances_contract():
+    torch.manual_seed(0)
+    module = MaskRCNNModule(net=TINY, score_threshold=0.0)
+    image, target = disks()
+    losses = module.compute_losses([image], [target])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    module.eval()
+    (pred,) = module.predict_instances([image[:, :60, :50]])
+    n = len(pred["scores"])
+    assert pred["masks"].dtype == torch.uint8 and pred["masks"].shape == (n, 60, 50)
+    assert pred["boxes"].dtype == torch.float32 and pred["boxes"].shape == (n, 4)
+    assert pred["labels"].dtype == torch.int64 and pred["scores"].dtype == torch.float32
+    assert set(pred["masks"].unique().tolist()) <= {0, 1}
+
+
+def _mask_grads(module):
+    heads = module.net.roi_heads
+    return [p.grad for p in (*heads.mask_head.parameters(), *heads.mask_predictor.parameters())]
+
+
+def test_box_only_targets_do_not_train_the_mask_head():
+    torch.manual_seed(0)
+    module = MaskRCNNModule(net=TINY)
+    image, target = disks()
+    box_only = {**target, "masks": torch.zeros_like(target["masks"]), "has_mask": torch.zeros(3, dtype=torch.bool)}
+    losses = module.compute_losses([image], [box_only])
+    assert losses["loss_mask"].item() == 0.0
+    sum(losses.values()).backward()
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in _mask_grads(module))
+    assert torch.count_nonzero(module.net.roi_heads.box_predictor.cls_score.weight.grad) > 0
+    assert module.net.roi_heads.mask_roi_pool is not None  # mask branch restored for inference
+
+    # a batch mixing both kinds: the mask loss equals that of the masked image alone, halved
+    module.zero_grad()
+    torch.manual_seed(1)
+    mixed = module.compute_losses([image, image], [target, box_only])["loss_mask"]
+    torch.manual_seed(1)
+    alone = module.compute_losses([image], [target])["loss_mask"]
+    assert mixed.item() == pytest.approx(alone.item() / 2, rel=1e-5)
+
+
+def test_non_finite_loss_stops_with_named_components():
+    module = MaskRCNNModule(net=TINY)
+    image, target = disks()
+    image[:] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss.*loss_classifier=nan"):
+        module.training_step(([image], [target]), 0)
+
+
+def test_lr_schedule_known_values():
+    cfg = {**OPTIM_DEFAULTS, "warmup_steps": 10, "warmup_start_factor": 0.0, "min_lr_ratio": 0.0}
+    assert lr_factor(0, 110, cfg) == 0.0
+    assert lr_factor(5, 110, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.5)  # cosine half-way
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.0, abs=1e-12)
+    step = {**cfg, "schedule": "step", "milestones": (0.5, 0.9), "gamma": 0.1}
+    assert [lr_factor(s, 100, step) for s in (20, 50, 95)] == pytest.approx([1.0, 0.1, 0.01])
+    assert lr_factor(10**6, 100, {**cfg, "schedule": "constant"}) == 1.0
+    with pytest.raises(ValueError, match="linear"):
+        lr_factor(50, 100, {**cfg, "schedule": "linear"})
+    assert math.isfinite(lr_factor(50, 10, cfg))  # past the end: stays at the floor
+
+
+def test_tp_fp_fn_colours():
+    gt = np.zeros((20, 30), np.int64)
+    gt[2:8, 2:8] = 1  # found
+    gt[12:18, 2:8] = 2  # missed
+    pred = np.zeros_like(gt)
+    pred[2:8, 2:8] = 1  # true positive
+    pred[2:8, 20:26] = 2  # false positive
+    rgb = overlay_tp_fp_fn(np.zeros((1, 20, 30), np.float32), gt, pred)
+    assert tuple(rgb[2, 4]) == TP_COLOR and tuple(rgb[2, 22]) == FP_COLOR and tuple(rgb[12, 4]) == FN_COLOR
+    assert tuple(rgb[15, 5]) == (0, 0, 0)  # a missed object is outlined, not filled
+    assert tuple(rgb[10, 15]) == (0, 0, 0)  # background untouched

@@ -1,0 +1,147 @@
+"""Known-answer tests for U-Net targets, seeded watershed and label-image conversions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellrcnn.models.postprocess import (
+    instances_to_label_image,
+    labels_to_instances,
+    targets_to_unet_maps,
+    unet_outputs_to_labels,
+)
+
+
+def disk(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r**2).astype(np.uint8)
+
+
+def ideal_probs(class_map: np.ndarray) -> np.ndarray:
+    """One-hot 3×H×W probabilities: what a perfect network would output."""
+    return np.stack([class_map == k for k in range(3)]).astype(np.float32)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return (a & b).sum() / (a | b).sum()
+
+
+def best_ious(gt: np.ndarray, pred: np.ndarray) -> list[float]:
+    return [max(iou(g, p) for p in pred) for g in gt]
+
+
+def test_touching_squares_get_a_boundary_between_them():
+    masks = np.zeros((2, 20, 30), np.uint8)
+    masks[0, 5:15, 2:12] = 1
+    masks[1, 5:15, 12:22] = 1  # shares the column border 11|12 with the first
+    class_map, distance = targets_to_unet_maps(masks)
+    # both columns at the contact are boundary over the full height of the squares
+    assert (class_map[5:15, 11] == 2).all() and (class_map[5:15, 12] == 2).all()
+    # the interiors are one 8-by-8 block each and do not touch
+    assert (class_map[6:14, 3:11] == 1).all() and (class_map[6:14, 13:21] == 1).all()
+    assert (class_map == 1).sum() == 2 * 64
+    assert (class_map[masks.sum(0) == 0] == 0).all()
+    # distance: 0 outside, 1 at each object's centre line, 1 / max at the edge
+    assert distance[masks.sum(0) == 0].max() == 0
+    assert distance[10, 6] == pytest.approx(1.0) and distance[10, 16] == pytest.approx(1.0)
+    assert distance[10, 11] == pytest.approx(0.2) and distance[10, 12] == pytest.approx(0.2)
+
+
+def test_overlap_is_boundary_and_wider_boundary():
+    masks = np.zeros((2, 30, 30), np.uint8)
+    masks[0, 5:20, 5:20] = 1
+    masks[1, 10:25, 10:25] = 1
+    class_map, _ = targets_to_unet_maps(masks)
+    assert (class_map[10:20, 10:20] == 2).all()  # the overlap is cut out as boundary
+    one, _ = targets_to_unet_maps(masks[:1])
+    two, _ = targets_to_unet_maps(masks[:1], boundary_width=2)
+    assert (one == 2).sum() == 4 * 14 and (two == 2).sum() == 4 * 14 + 4 * 12
+    assert ((one > 0) == (two > 0)).all()
+
+
+def test_empty_targets():
+    class_map, distance = targets_to_unet_maps(np.zeros((0, 8, 9), np.uint8))
+    assert class_map.shape == (8, 9) and class_map.max() == 0 and distance.max() == 0
+
+
+@pytest.mark.parametrize("seed_method", ["core", "hmaxima"])
+def test_two_touching_disks_are_two_instances(seed_method):
+    shape = (64, 80)
+    gt = np.stack([disk(shape, 32, 25, 12), disk(shape, 32, 49, 12)])
+    gt[1][gt[0] > 0] = 0  # touching along a line, no overlap
+    assert (gt[0][:, :-1] & gt[1][:, 1:]).any()  # they do touch: left pixel in one, right in the other
+    class_map, distance = targets_to_unet_maps(gt)
+    labels, scores = unet_outputs_to_labels(ideal_probs(class_map), distance, seed_method=seed_method)
+    assert labels.max() == 2 and scores.shape == (2,)
+    np.testing.assert_allclose(scores, 1.0)
+    inst = labels_to_instances(labels, scores)
+    assert min(best_ious(gt, inst["masks"].numpy())) > 0.9
+
+
+def test_120_separate_disks_are_120_instances():
+    rng = np.random.default_rng(0)
+    shape = (12 * 18, 10 * 18)
+    gt = np.stack(
+        [disk(shape, 9 + 18 * i, 9 + 18 * j, rng.uniform(3, 7)) for i in range(12) for j in range(10)]
+    )
+    class_map, distance = targets_to_unet_maps(gt)
+    labels, scores = unet_outputs_to_labels(ideal_probs(class_map), distance)
+    assert labels.max() == 120 and len(scores) == 120
+    pred = labels_to_instances(labels, scores)["masks"].numpy()
+    assert min(best_ious(gt, pred)) > 0.99
+
+
+def test_unseeded_and_small_objects():
+    probs = np.zeros((3, 20, 20), np.float32)
+    probs[0] = 1
+    probs[:, 2:4, 2:12] = [[[0]], [[0]], [[1]]]  # a 2-px thin object, all boundary: no seed
+    probs[:, 15:17, 15:17] = [[[0]], [[1]], [[0]]]  # 4 px: below min_size
+    labels, scores = unet_outputs_to_labels(probs, np.zeros((20, 20), np.float32), min_size=10)
+    assert labels.max() == 1 and (labels > 0).sum() == 20 and len(scores) == 1
+
+
+def test_labels_to_instances_boxes_and_order():
+    labels = np.zeros((10, 12), np.int32)
+    labels[1:3, 2:5] = 7
+    labels[5:9, 6:12] = 3
+    inst = labels_to_instances(labels, np.array([0.3, 0.7]))
+    assert inst["masks"].dtype == torch.uint8 and inst["masks"].shape == (2, 10, 12)
+    np.testing.assert_array_equal(inst["boxes"].numpy(), [[6, 5, 12, 9], [2, 1, 5, 3]])  # label 3 first
+    assert inst["scores"].tolist() == pytest.approx([0.3, 0.7])
+    assert inst["labels"].dtype == torch.int64 and inst["labels"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="3 scores for 2 objects"):
+        labels_to_instances(labels, np.ones(3))
+    empty = labels_to_instances(np.zeros((4, 5), np.int32))
+    assert empty["masks"].shape == (0, 4, 5) and empty["boxes"].shape == (0, 4)
+
+
+def test_label_image_round_trip():
+    rng = np.random.default_rng(1)
+    labels = np.zeros((50, 60), np.int64)
+    for k, (y, x) in enumerate(rng.integers(0, 45, size=(15, 2)), start=1):
+        labels[y : y + 5, x : x + 5] = k * 10  # non-consecutive ids, some overlap and hide others
+    ids = np.unique(labels)[1:]
+    out = instances_to_label_image(labels_to_instances(labels))
+    assert out.dtype == np.uint16 and out.max() == len(ids)
+    # same partition, objects renumbered 1..K in the order of their old ids
+    np.testing.assert_array_equal(out, np.where(labels > 0, np.searchsorted(ids, labels) + 1, 0))
+
+
+def test_higher_score_wins_overlap_and_float_masks():
+    masks = np.zeros((3, 1, 10, 10), np.float32)
+    masks[0, 0, 0:6, 0:6] = 0.9
+    masks[1, 0, 3:9, 3:9] = 0.8
+    masks[2, 0, 0:2, 8:10] = 0.4  # below the mask threshold: empty, so absent
+    out = instances_to_label_image(
+        {"masks": torch.from_numpy(masks), "scores": torch.tensor([0.2, 0.9, 0.5])}
+    )
+    assert out[4, 4] == 2 and out[0, 0] == 1 and out[0, 9] == 0 and out.max() == 2
+    out = instances_to_label_image({"masks": masks, "scores": np.array([0.95, 0.9, 0.5])})
+    assert out[4, 4] == 1
+    dropped = instances_to_label_image(
+        {"masks": masks, "scores": np.array([0.2, 0.9, 0.5])}, score_threshold=0.5
+    )
+    assert dropped.max() == 1 and dropped[0, 0] == 0 and dropped[4, 4] == 1

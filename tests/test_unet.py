@@ -1,0 +1,140 @@
+"""U-Net shapes, padding and channel handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellrcnn.models.unet import UNet
+from cellrcnn.modules.unet_module import UNetModule, encode_batch
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (5, 70)])
+def test_output_shapes_for_odd_sizes(channels, size):
+    torch.manual_seed(0)
+    net = UNet(in_channels=channels, depth=3, base_width=8).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, channels, *size))
+    assert out["logits"].shape == (2, 3, *size)
+    assert out["distance"].shape == (2, 1, *size)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["distance"]).all()
+
+
+def test_output_does_not_depend_on_batch_mates():
+    """GroupNorm normalises per sample: validation batches of one give training-time outputs."""
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, depth=2, base_width=8).eval()
+    x = torch.rand(1, 1, 30, 30)
+    with torch.no_grad():
+        single = net(x)["logits"]
+        batch = net(torch.cat([x, torch.rand(1, 1, 30, 30)]))["logits"][:1]
+    torch.testing.assert_close(single, batch)
+
+
+def test_width_depth_and_errors():
+    net = UNet(in_channels=3, depth=2, base_width=4, norm_groups=8)
+    assert net.size_multiple == 4
+    assert net.encoders[-1][0].out_channels == 16
+    with pytest.raises(ValueError, match="in_channels must be 1 or 3"):
+        UNet(in_channels=2)
+    with pytest.raises(ValueError, match=r"B×3×H×W"):
+        net(torch.rand(1, 1, 8, 8))
+
+
+def test_gradients_reach_the_first_layer():
+    net = UNet(in_channels=3, depth=2, base_width=4)
+    out = net(torch.rand(2, 3, 17, 19))
+    (out["logits"].mean() + out["distance"].mean()).backward()
+    assert net.encoders[0][0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the LightningModule
+
+
+def touching_squares_sample(channels: int = 3):
+    """A 32×40 image with two touching bright squares and their Target."""
+    from cellrcnn.data.masks import masks_to_boxes_xyxy
+    from cellrcnn.data.target import make_target
+
+    masks = np.zeros((2, 32, 40), np.uint8)
+    masks[0, 8:22, 4:18] = 1
+    masks[1, 10:24, 18:32] = 1
+    image = np.repeat((0.1 + 0.8 * masks[0] + 0.6 * masks[1])[None], channels, 0).astype(np.float32)
+    target = make_target(masks_to_boxes_xyxy(masks), np.ones(2), masks, np.ones(2, bool), image_id=1)
+    return torch.from_numpy(image), target
+
+
+def small_module(**kw) -> UNetModule:
+    net = {"in_channels": 3, "depth": 2, "base_width": 8}
+    return UNetModule(net=net, coco_metrics=False, log_images=0, **kw)
+
+
+def test_training_overfits_one_image_and_then_separates_its_two_squares():
+    torch.manual_seed(0)
+    module = small_module()
+    image, target = touching_squares_sample()
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    history = []
+    for _ in range(50):
+        losses = module.compute_losses([image], [target])
+        assert set(losses) == {"loss_class", "loss_dice", "loss_distance"}
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert history[10] < 0.8 * history[0] and history[-1] < 0.1 * history[0]
+    pred = module.predict_instances([image])[0]
+    assert len(pred["scores"]) == 2
+    gt = target["masks"].bool()
+    for m in pred["masks"].bool():
+        ious = (gt & m).sum((1, 2)) / (gt | m).sum((1, 2))
+        assert ious.max() > 0.8
+
+
+def test_box_only_images_are_ignored_and_channels_matched():
+    module = small_module()
+    image, target = touching_squares_sample(channels=1)  # 1-channel image into a 3-channel net
+    target["has_mask"][:] = False
+    losses = module.compute_losses([image], [target])
+    assert all(v.item() == 0.0 for v in losses.values())
+    x, classes, _ = encode_batch([image, image[:, :20, :30]], [target, target], channels=3)
+    assert x.shape == (2, 3, 32, 40) and (classes == -100).all()
+
+
+def test_predict_instances_contract():
+    module = small_module(postprocess={"min_size": 1})
+    images = [torch.rand(3, 37, 45), torch.rand(1, 20, 21)]
+    preds = module.predict_instances(images)
+    assert module.training  # restored
+    for image, pred in zip(images, preds, strict=True):
+        n = len(pred["scores"])
+        assert pred["masks"].dtype == torch.uint8 and pred["masks"].shape == (n, *image.shape[-2:])
+        assert pred["boxes"].dtype == torch.float32 and pred["boxes"].shape == (n, 4)
+        assert pred["scores"].dtype == torch.float32 and pred["labels"].dtype == torch.int64
+
+
+def test_fast_dev_run_and_checkpoint_round_trip(tmp_path):
+    import lightning as L
+
+    from cellrcnn.data.datamodule import collate
+    from cellrcnn.modules.base import load_module
+
+    torch.manual_seed(0)
+    module = small_module()
+    data = [touching_squares_sample()] * 2
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate)
+    trainer = L.Trainer(
+        max_steps=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, loader, loader)
+    assert "val/dsb_score" in trainer.callback_metrics
+    assert "train/loss_class" in trainer.callback_metrics
+    trainer.save_checkpoint(tmp_path / "unet.ckpt")
+    rebuilt = load_module(tmp_path / "unet.ckpt")
+    assert isinstance(rebuilt, UNetModule) and rebuilt.net.depth == 2
+    image = data[0][0]
+    torch.testing.assert_close(rebuilt(image[None])["logits"], module.eval()(image[None])["logits"])
