@@ -60,7 +60,14 @@ def model_input(raw: np.ndarray, channels: int, tile_size: int) -> np.ndarray:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
     from .evaluate import input_channels, set_score_threshold
-    from .inference import coco_results, measure, predict_tiled, write_coco_results, write_overlay_png, write_table
+    from .inference import (
+        coco_results,
+        measure,
+        predict_tiled,
+        write_coco_results,
+        write_overlay_png,
+        write_table,
+    )
     from .io import write_label_image
     from .modules.base import load_module
 
@@ -94,12 +101,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stems.add(stem)
         image_id = len(summary["images"]) + 1
         write_label_image(out / f"{stem}.tif", labels)
-        results += coco_results(labels, image_id, scores)
+        objects = coco_results(labels, image_id, scores)
+        results += objects
         if cfg.get("overlays", True):
             write_overlay_png(out / f"{stem}_overlay.png", raw, labels)
         if cfg.get("measure", False):
             tables.append(measure(labels, raw, path.name, scores, cfg.get("pixel_size")))
-        n = int(len(scores))
+        n = len(objects)
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
                                   "width": int(labels.shape[1]), "n_objects": n})
         print(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
 from .evaluate import metrics_table
+from .viz import save_png
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -66,6 +67,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         table = metrics_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (out_dir / "metrics.md").write_text(table + "\n")
+        if model.last_overlay is not None:
+            save_png(out_dir / "test_overlay_tp_fp_fn.png", model.last_overlay)
         print("\n" + table)
         print(f"\nrun folder: {out_dir}  (wall time {time.perf_counter() - start:.0f} s since start of run)")
     return metrics

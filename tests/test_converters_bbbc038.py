@@ -171,7 +171,9 @@ _ZIP: dict[str, zipfile.ZipFile] = {}
 def _check_image(args):
     """Worker: compare one image's masks (PNG decoded by cv2) with the decoded RLEs."""
     zip_path, names, segs = args
-    z = _ZIP.setdefault(zip_path, zipfile.ZipFile(zip_path))  # one handle per worker process
+    if zip_path not in _ZIP:  # one handle per worker process
+        _ZIP[zip_path] = zipfile.ZipFile(zip_path)
+    z = _ZIP[zip_path]
     if len(names) != len(segs):
         return f"{names[:1]}: {len(names)} masks but {len(segs)} annotations"
     for name, seg in zip(names, segs, strict=True):
@@ -209,3 +211,12 @@ def test_real_stage1_train_zip(tmp_path, capsys):
     assert [r for r in results if isinstance(r, str)] == []
     assert sum(results) == 24006
     assert validate(out, check_images=False) == []
+
+
+def test_masks_without_image_are_counted_and_reported(tmp_path, capsys):
+    src = make_zip(tmp_path / "s.zip")
+    with zipfile.ZipFile(src, "a") as z:
+        z.writestr(f"{'e' * 64}/masks/{'5' * 64}.png", png(np.full((4, 4), 255, np.uint8)))
+    bbbc038.convert(src, tmp_path / "out", workers=1)
+    text = capsys.readouterr().out
+    assert "3 images, 5 instances read; 4 written" in text and f"{'e' * 64}/images: missing image" in text

@@ -216,3 +216,37 @@ def test_predict_image_tiles_large_raw_images_only():
     assert len(calls) == 16 and calls[0] == (1, 256, 256)  # starts 0, 192, 384, 444 per axis
     best, n_pred = match_iou(threshold_labels(image), tiled)
     assert n_pred == best.size and (best >= 0.9).all()
+
+
+def test_overlapping_masks_resolved_by_score_and_hidden_objects_dropped():
+    """Mask R-CNN masks of one image may overlap: the higher score takes the shared pixels, an
+    object hidden completely disappears, and labels stay 1..N with their scores."""
+    h = w = 64
+
+    def fn(images):
+        masks = np.zeros((3, h, w), np.uint8)
+        masks[0, 10:40, 10:40] = 1  # big, score 0.9
+        masks[1, 20:30, 20:30] = 1  # inside the big one, lower score: hidden
+        masks[2, 35:50, 35:50] = 1  # overlaps the big one's corner, higher score: wins the corner
+        return [{"masks": torch.from_numpy(masks), "scores": torch.tensor([0.9, 0.5, 0.95])}]
+
+    labels, scores = predict_tiled(np.zeros((1, h, w), np.float32), fn, 256, 32, progress=False)
+    np.testing.assert_allclose(scores, [0.9, 0.95])
+    assert (labels == 1).sum() == 30 * 30 - 5 * 5 and (labels == 2).sum() == 15 * 15
+    assert labels[37, 37] == 2 and labels[25, 25] == 1
+
+
+@pytest.mark.slow
+def test_benchmark_script_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "tiled_predict.py"
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(script), "--size", "600", "--tiles", "256", "--overlap", "64",
+                    "--threads", "1", "--json", str(out)], check=True, capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())
+    assert row["tile"] == 256 and row["wall_s"] > 0 and row["peak_rss_mb"] >= row["baseline_rss_mb"]
+    assert abs(row["n_objects"] - row["n_nuclei_drawn"]) <= 0.1 * row["n_nuclei_drawn"]  # a real segmentation

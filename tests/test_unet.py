@@ -138,3 +138,19 @@ def test_fast_dev_run_and_checkpoint_round_trip(tmp_path):
     assert isinstance(rebuilt, UNetModule) and rebuilt.net.depth == 2
     image = data[0][0]
     torch.testing.assert_close(rebuilt(image[None])["logits"], module.eval()(image[None])["logits"])
+
+
+def test_hydra_experiment_builds_the_unet():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        cfg = compose("train", overrides=["experiment=synthetic_unet"])
+    assert cfg.name == "synthetic_unet" and cfg.data.synthetic is not None
+    module = instantiate(cfg.model)
+    assert isinstance(module, UNetModule)
+    assert module.net.in_channels == cfg.data.channels and module.net.encoders[0][0].out_channels == 16
+    assert module.hparams["postprocess"]["seed_method"] == "core"

@@ -20,6 +20,8 @@ reconstruction error; ``is_anomalous`` = score > threshold (default 3). Determin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,18 @@ def _features(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread: a 6-16-3 network gains nothing from more, and on a busy machine
+    thread synchronisation made a 9,000-cell fit 10× slower (25 s instead of 2 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _autoencoder(n_in: int, hidden: int, bottleneck: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, bottleneck), nn.Tanh(),
@@ -77,7 +91,7 @@ class AnomalyModel:
 
     def _log_error(self, table: pd.DataFrame) -> np.ndarray:
         z = (_features(table, self.columns) - self.center) / self.scale
-        with torch.no_grad():
+        with torch.no_grad(), _one_thread():
             x = torch.from_numpy(z.astype(np.float32))
             err = ((self.net(x) - x) ** 2).mean(dim=1).numpy().astype(np.float64)
         return np.log(err + 1e-6)
@@ -141,7 +155,7 @@ def fit_anomaly_model(
     # rounding noise into huge z-scores
     scale = np.maximum((q75 - q25) / 1.349, np.maximum(0.02 * np.abs(center), 1e-3))
     z = torch.from_numpy(np.clip((x - center) / scale, -5, 5).astype(np.float32))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
         net = _autoencoder(len(columns), hidden, bottleneck)
         opt = torch.optim.Adam(net.parameters(), lr=lr)

@@ -224,7 +224,9 @@ def to_geojson(
         polys = [[_closed(r) for r in part] for part in parts]
         geometry = ({"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1
                     else {"type": "MultiPolygon", "coordinates": polys})
-        props: dict = {"objectType": object_type, "name": str(k), "isLocked": False}
+        props: dict = {"objectType": object_type, "name": str(k)}
+        if object_type == "annotation":
+            props["isLocked"] = False
         if classification:
             props["classification"] = {"name": classification, "color": list(color)}
         values = {key: float(v) for key, v in rows.get(k, {}).items() if np.isfinite(v)}
@@ -233,7 +235,8 @@ def to_geojson(
             values["score"] = s
         if values:
             props["measurements"] = values
-        features.append({"type": "Feature", "id": f"cellrcnn-{k}", "geometry": geometry, "properties": props})
+        # no feature "id": QuPath reads it as the object's UUID and creates one when it is absent
+        features.append({"type": "Feature", "geometry": geometry, "properties": props})
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -297,5 +300,6 @@ def write_overlay_png(path: str | Path, image: np.ndarray, labels: np.ndarray, *
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay_outlines(image, labels, **kwargs)).save(path)
+    # fast zlib level: at 4096×4096 level 6 took 8 s against 3 s, for a similar file size
+    Image.fromarray(overlay_outlines(image, labels, **kwargs)).save(path, compress_level=1)
     return path

@@ -28,7 +28,13 @@ warning naming how many, asking for a larger overlap.
 Intensity normalisation must be the same for every tile, so it happens once for the whole image:
 a float image is taken as already normalised; an integer (raw 8/16-bit) image is scaled per tile
 with the 1st/99.8th percentiles of a strided subsample of the whole image (the same rule as
-:func:`cellrcnn.io.normalize_percentile`, without a float copy of the full image).
+:func:`cellrcnn.io.normalize_percentile`, without a float copy of the full image; colour converted
+to grey for a 1-channel model is averaged after scaling, so it can differ slightly from
+``prepare_image``, which averages first).
+
+Memory: the raw image, the uint32 label image (4 bytes/pixel) and one tile's prediction. The
+latter is the ``predict_fn`` contract's N×h×w masks, ~N MB per 1024² tile, which dominates for
+dense fields: prefer 512-px tiles there (see ``bench/tiled_predict.py``).
 """
 
 from __future__ import annotations
@@ -132,22 +138,19 @@ def _tile_masks(pred: dict) -> tuple[np.ndarray, np.ndarray]:
 class _Canvas:
     """The global label image plus per-label bookkeeping (score, tile, area, box), grown on demand."""
 
-    def __init__(self, shape: tuple[int, int]):
+    def __init__(self, shape: tuple[int, int], capacity: int = 1024):
         self.labels = np.zeros(shape, np.uint32)
-        self.score = np.full(1024, -np.inf)  # index 0 = background, beaten by any object
-        self.tile = np.full(1024, -1, np.int64)
-        self.area = np.zeros(1024, np.int64)
-        self.box = np.zeros((1024, 4), np.int64)
-        self.alive = np.zeros(1024, bool)
+        self.score = np.full(capacity, -np.inf)  # index 0 = background, beaten by any object
+        self.tile = np.full(capacity, -1, np.int64)
+        self.area = np.zeros(capacity, np.int64)
+        self.box = np.zeros((capacity, 4), np.int64)
+        self.alive = np.zeros(capacity, bool)
         self.next_id = 1
 
     def _grow(self) -> None:
-        n = len(self.score)
-        self.score = np.concatenate([self.score, np.full(n, -np.inf)])
-        self.tile = np.concatenate([self.tile, np.full(n, -1, np.int64)])
-        self.area = np.concatenate([self.area, np.zeros(n, np.int64)])
-        self.box = np.concatenate([self.box, np.zeros((n, 4), np.int64)])
-        self.alive = np.concatenate([self.alive, np.zeros(n, bool)])
+        for name in ("score", "tile", "area", "box", "alive"):
+            old = getattr(self, name)
+            setattr(self, name, np.concatenate([old, np.full_like(old, old[0])]))  # index 0 holds the blank
 
     def _erase(self, j: int) -> None:
         y0, x0, y1, x1 = self.box[j]
@@ -178,7 +181,11 @@ class _Canvas:
 
     def finish(self, chunk_rows: int = 512) -> TiledPrediction:
         """Relabel 1..N without gaps (in place, by row chunks) and return labels and scores."""
-        keep = np.flatnonzero(self.alive[: self.next_id])
+        # an object whose pixels all went to higher-scoring overlapping ones is gone
+        present = np.zeros(self.next_id, bool)
+        for r in range(0, self.labels.shape[0], chunk_rows):  # by chunks: no int64 copy of the image
+            present[np.unique(self.labels[r : r + chunk_rows])] = True
+        keep = np.flatnonzero(self.alive[: self.next_id] & present)
         lut = np.zeros(self.next_id, np.uint32)
         lut[keep] = np.arange(1, len(keep) + 1, dtype=np.uint32)
         for r in range(0, self.labels.shape[0], chunk_rows):

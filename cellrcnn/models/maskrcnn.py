@@ -91,6 +91,7 @@ def build_maskrcnn(
     norm: str = "group",
     returned_layers: Sequence[int] = (1, 2, 3, 4),
     fpn_channels: int | None = None,
+    mask_channels: int | None = None,
     anchor_sizes: Sequence[int] = (8, 16, 32, 64, 128),
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     min_size: int | None = None,
@@ -123,7 +124,9 @@ def build_maskrcnn(
         norm: "group" (GroupNorm everywhere, default) or "batch" (BatchNorm in the ResNet only).
         returned_layers: ResNet stages feeding the FPN; (1, 2, 3) drops the stride-32 stage,
             which nuclei rarely need. One anchor size per FPN level plus the max-pool level.
-        fpn_channels: override the preset's FPN width.
+        fpn_channels: override the preset's FPN width (also the RPN and RoI feature width).
+        mask_channels: override the width of every mask-head conv: the mask head runs on every
+            positive RoI at 14×14 and costs as much as the backbone at the preset's width.
         anchor_sizes: anchor side in pixels per FPN level (finest first).
         min_size: ``None`` keeps native resolution; an int resizes like torchvision (shorter side).
         image_mean, image_std: per-channel normalisation of the [0, 1] input.
@@ -140,6 +143,9 @@ def build_maskrcnn(
     widths = dict(PRESETS[preset])
     if fpn_channels is not None:
         widths["fpn_channels"] = fpn_channels
+    if mask_channels is not None:
+        widths["mask_layers"] = (mask_channels,) * len(widths["mask_layers"])
+        widths["mask_dim"] = mask_channels
     out_ch = widths["fpn_channels"]
     head_norm = group_norm if norm == "group" else None
 

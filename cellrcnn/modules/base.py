@@ -94,6 +94,8 @@ class InstanceSegModule(L.LightningModule):
         self.log_images = log_images
         self.evaluator = Evaluator(iou_thresholds=tuple(iou_thresholds), coco=coco_metrics)
         self._shown: list[tuple[torch.Tensor, dict, dict]] = []
+        self.last_metrics: dict[str, float] = {}
+        self.last_overlay = None
 
     # ---------------------------------------------------------------- subclass contract
     def compute_losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -175,6 +177,7 @@ class InstanceSegModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+        self._log_overlays("test")
 
     def _log_metrics(self, split: str) -> None:
         metrics = self.evaluator.compute()  # already gathered across ranks: identical on each
@@ -184,14 +187,17 @@ class InstanceSegModule(L.LightningModule):
             self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
         self.last_metrics = {f"{split}/{k}": v for k, v in metrics.items()}
 
-    def _log_overlays(self) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not self._shown or not hasattr(experiment, "add_image") or self.global_rank != 0:
+    def _log_overlays(self, split: str = "val") -> None:
+        """TP/FP/FN grid of the first images of the epoch to TensorBoard (``<split>/overlay_tp_fp_fn``);
+        also kept as ``self.last_overlay`` (H×W×3 uint8) for the caller to save."""
+        if not self._shown or self.global_rank != 0:
             return
         from ..viz import tp_fp_fn_grid
 
-        grid = tp_fp_fn_grid(self._shown)
-        experiment.add_image("val/overlay_tp_fp_fn", grid, self.global_step, dataformats="HWC")
+        self.last_overlay = tp_fp_fn_grid(self._shown)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(f"{split}/overlay_tp_fp_fn", self.last_overlay, self.global_step, dataformats="HWC")
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

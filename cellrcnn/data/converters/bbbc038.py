@@ -78,6 +78,7 @@ def find_images(tree: SourceTree, report: Report) -> dict[str, tuple[str, list[s
         found[image_id] = (names[0], sorted(masks.get(image_id, [])))
     for image_id in sorted(set(masks) - set(images)):
         report.problem(f"{tree.root}:{image_id}/images", f"missing image; its {len(masks[image_id])} masks skipped")
+        found[image_id] = ("", sorted(masks[image_id]))  # counted as read, not written
     return found
 
 
@@ -166,7 +167,7 @@ def convert(src: str | Path | None, out: str | Path, *, labels: list[str | Path]
         for image_id, entry in sorted(rows.items()):
             ref = None
             if tree is not None:
-                if image_id not in found:
+                if not found.get(image_id, ("",))[0]:
                     report.problem(f"{src}:{image_id}", f"image listed in the CSV is missing; its "
                                    f"{len(entry['rles'])} RLE rows skipped")
                     missing.append(ImageResult(key=image_id, n_read=len(entry["rles"]), ok=False))
@@ -178,6 +179,9 @@ def convert(src: str | Path | None, out: str | Path, *, labels: list[str | Path]
                                entry["split"], out_images))
     elif tree is not None:
         for image_id, (image, masks) in found.items():
+            if not image:
+                missing.append(ImageResult(key=image_id, n_read=len(masks), ok=False))
+                continue
             tasks.append(_Task(image_id, tree.files[image], [(m, tree.files[m]) for m in masks], [], 0, 0,
                                None, out_images))
     if not tasks:

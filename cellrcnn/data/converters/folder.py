@@ -30,7 +30,7 @@ from cellrcnn.data.converters.common import (
     write_coco,
 )
 from cellrcnn.data.converters.instances import decode_image, label_annotations
-from cellrcnn.io import IMAGE_SUFFIXES, LABEL_SUFFIXES
+from cellrcnn.io import LABEL_SUFFIXES, image_files
 
 NAME = "folder"
 NOT_IMAGES = ("_masks", "_flows", "_cellprob", "_cp_output", "_seg", "_cp_masks")
@@ -86,7 +86,7 @@ def find_pairs(folder: Path, mask_suffix: str, img_filter: str, report: Report) 
     """(image, label file) pairs in one folder, StarDist layout first, else Cellpose naming."""
     if (folder / "images").is_dir() and (folder / "masks").is_dir():
         pairs = []
-        for img in sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        for img in image_files(folder / "images"):
             lab = _first([folder / "masks" / img.name] + [folder / "masks" / (img.stem + s) for s in LABEL_SUFFIXES])
             if lab is None:
                 report.problem(str(img), f"no label image masks/{img.name}; skipped")
@@ -94,9 +94,9 @@ def find_pairs(folder: Path, mask_suffix: str, img_filter: str, report: Report) 
                 pairs.append((img, lab))
         return pairs
     pairs = []
-    for img in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for img in image_files(folder):  # sorted; hidden and macOS "._" files skipped
         stem = img.stem
-        if stem.endswith(NOT_IMAGES) or img.name.startswith("."):
+        if stem.endswith(NOT_IMAGES):
             continue
         if img_filter:
             if not stem.endswith(img_filter):

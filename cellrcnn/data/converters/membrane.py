@@ -26,6 +26,7 @@ from cellrcnn.data.converters.common import (
     write_coco,
 )
 from cellrcnn.data.converters.instances import binary_instances, decode_image, drop_alpha, label_annotations
+from cellrcnn.io import image_files
 
 NAME = "membrane"
 LICENCE = "ISBI 2012 terms: non-commercial segmentation research; cite TrakEM2 and Cardona et al. 2010"
@@ -77,8 +78,8 @@ def convert(src: str | Path, out: str | Path, *, min_area: int = 0, dilate: bool
     base = src / "train" if (src / "train" / "image").is_dir() else src
     if not (base / "image").is_dir() or not (base / "label").is_dir():
         raise ConversionError(f"{src}: expected image/ and label/ folders (or train/image and train/label)")
-    images = {p.stem: p for p in (base / "image").iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff")}
-    labels = {p.stem: p for p in (base / "label").iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff")}
+    images = {p.stem: p for p in image_files(base / "image", (".png", ".tif", ".tiff"))}
+    labels = {p.stem: p for p in image_files(base / "label", (".png", ".tif", ".tiff"))}
     tasks = []
     for stem in sorted(images, key=numeric_key):
         if stem not in labels:

@@ -107,7 +107,7 @@ def stats(root: str | Path) -> dict:
         lowest = 2 ** max(2, math.floor(math.log2(max(p1, 1.0))))  # finest level at or below p1
         needed = 2 ** math.ceil(math.log2(max(p99, 1.0))) / 16  # coarsest level (x16) at or above p99
         centred = 2 ** round(math.log2(max(p50 / 4, 1.0)))  # median on the middle level
-        base = lowest if needed > lowest else min(max(centred, needed), lowest)
+        base = lowest if needed > lowest else min(max(centred, needed, 4), lowest)  # 4 px: the finest stride
         anchors = [int(base * 2**i) for i in range(5)]
         result["suggested"] = {
             "anchor_sizes": anchors,

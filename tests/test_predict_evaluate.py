@@ -1,0 +1,125 @@
+"""evaluate.py and predict.py round trips on a tiny checkpoint, for every image format the data layer reads."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellrcnn import predict as predict_module
+from cellrcnn.evaluate import metrics_table
+from cellrcnn.evaluate import run as evaluate_run
+from cellrcnn.io import ImageReadError, read_label_image
+from cellrcnn.predict import resolve_checkpoint
+from cellrcnn.predict import run as predict_run
+from cellrcnn.train import compose_config
+from cellrcnn.train import run as train_run
+
+DATA = ["data.synthetic.n_train=4", "data.synthetic.n_val=2", "data.synthetic.n_test=2", "data.synthetic.size=96"]
+TINY = [
+    *DATA, "data.crop_size=96", "data.batch_size=2", "model.net.fpn_channels=32", "model.net.returned_layers=[1,2,3]",
+    "model.net.rpn_post_nms_top_n_train=200", "model.net.box_batch_size_per_image=32",
+    "model.net.rpn_post_nms_top_n_test=100", "model.net.box_detections_per_img=100", "model.coco_metrics=false",
+    "logger=none", "threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoint, dataset root) of a Mask R-CNN trained for two steps on 96 px synthetic images."""
+    tmp = tmp_path_factory.mktemp("train")
+    root = tmp / "data"
+    cfg = compose_config("train", [f"data.root={root}", *TINY, "trainer.max_steps=2", "test=false"], tmp / "run")
+    train_run(cfg)
+    return tmp / "run" / "checkpoints" / "last.ckpt", root
+
+
+def test_evaluate_writes_metrics_and_overlays(trained, tmp_path):
+    ckpt, root = trained
+    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", f"data.root={root}", *DATA, "overlays=2", "threads=1"], tmp_path)
+    metrics = evaluate_run(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["metrics"]["n_images"] == 2 == len(saved["per_image"])
+    assert saved["metrics"]["dsb_score"] == pytest.approx(metrics["dsb_score"])
+    assert "| dsb_score |" in (tmp_path / "metrics.md").read_text()
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+
+
+def test_metrics_table_formats():
+    table = metrics_table({"n_images": 3.0, "dsb_score": 0.51234, "segm_AP": float("nan")}, "t")
+    assert table.splitlines()[4:] == ["| dsb_score | 0.5123 |", "| segm_AP | n/a |", "| n_images | 3 |"]
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """A folder with an 8-bit RGBA PNG, a 16-bit TIFF, a grayscale PNG, an RGB JPEG and a notes file
+    named like an image; returns (folder, expected stems)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    base = np.zeros((80, 72), np.float32)
+    yy, xx = np.mgrid[:80, :72]
+    for cy, cx in ((20, 20), (50, 40), (30, 55)):
+        base[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 1.0
+    base += rng.normal(0, 0.05, base.shape).astype(np.float32)
+    u8 = (np.clip(base, 0, 1) * 200 + 20).astype(np.uint8)
+    rgba = np.dstack([u8, u8 // 2, u8, np.full_like(u8, 255)])
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    tifffile.imwrite(folder / "deep.tif", (np.clip(base, 0, 1) * 3000 + 500).astype(np.uint16))
+    Image.fromarray(u8, "L").save(folder / "grey.png")
+    Image.fromarray(np.dstack([u8] * 3), "RGB").save(folder / "colour.jpg", quality=95)
+    (folder / "notes.png").write_text("not an image")
+    return folder, {"rgba", "deep", "grey", "colour"}
+
+
+def test_predict_every_format_and_skips_unreadable(trained, images, tmp_path, capsys):
+    ckpt, _ = trained
+    folder, stems = images
+    out = tmp_path / "out"
+    cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={folder}", f"output={out}", "threads=1"], tmp_path)
+    summary = predict_run(cfg)
+    for stem in stems:
+        labels = read_label_image(out / f"{stem}.tif")
+        assert labels.shape == (80, 72)
+        assert (out / f"{stem}_overlay.png").is_file()
+    assert tifffile.imread(out / "rgba.tif").dtype == np.uint16
+    assert [Path(s["file"]).name for s in summary["skipped"]] == ["notes.png"]
+    assert "notes.png" in summary["skipped"][0]["error"] and "notes.png" in capsys.readouterr().out
+    results = json.loads((out / "coco_results.json").read_text())
+    assert len(results) == sum(im["n_objects"] for im in summary["images"])
+    assert json.loads((out / "predictions.json").read_text())["skipped"] == summary["skipped"]
+
+
+def test_predict_image_without_cells_writes_empty_labels(trained, tmp_path):
+    ckpt, _ = trained
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64), 30, np.uint8)).save(blank)
+    # a threshold above every score: the zero-object path (no masks at all) end to end
+    cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={blank}", f"output={tmp_path / 'o'}",
+                                     "score_threshold=1.01", "measure=true"], tmp_path)
+    summary = predict_run(cfg)
+    labels = tifffile.imread(tmp_path / "o" / "blank.tif")
+    assert labels.shape == (64, 64) and labels.dtype == np.uint16 and labels.max() == 0
+    assert summary["images"][0]["n_objects"] == 0
+    assert json.loads((tmp_path / "o" / "coco_results.json").read_text()) == []
+
+
+def test_predict_single_non_image_names_the_file(trained, tmp_path):
+    ckpt, _ = trained
+    bad = tmp_path / "table.csv"
+    bad.write_text("a,b\n1,2\n")
+    cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={bad}", f"output={tmp_path / 'o'}"], tmp_path)
+    with pytest.raises(ImageReadError, match="table.csv"):
+        predict_run(cfg)
+
+
+def test_shipped_checkpoint_missing_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setattr(predict_module, "SHIPPED_CHECKPOINT", tmp_path / "weights" / "nuclei.ckpt")
+    with pytest.raises(FileNotFoundError, match="pass ckpt_path="):
+        resolve_checkpoint(None)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "nuclei.ckpt").write_bytes(b"")
+    assert resolve_checkpoint(None) == tmp_path / "weights" / "nuclei.ckpt"
+    assert resolve_checkpoint("given.ckpt") == Path("given.ckpt")
