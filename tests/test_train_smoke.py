@@ -62,6 +62,7 @@ def test_train_then_test_writes_metrics(tmp_path):
     assert 0.0 <= metrics["test/dsb_score"] <= 1.0
     assert metrics["test/n_images"] == 2
     assert (tmp_path / "metrics.md").read_text().startswith("**default: test split")
+    assert (tmp_path / "test_overlay_tp_fp_fn.png").is_file()
 
 
 @pytest.mark.slow

@@ -150,7 +150,10 @@ class InstanceSegModule(L.LightningModule):
         def fraction() -> float:
             elapsed = timer.time_elapsed()
             remaining = timer.time_remaining()
-            return 0.0 if remaining is None else elapsed / max(elapsed + remaining, 1e-9)
+            used = 0.0 if remaining is None else elapsed / max(elapsed + remaining, 1e-9)
+            if self.trainer.world_size > 1:  # every rank must apply the same learning rate
+                used = float(self.trainer.strategy.broadcast(used, src=0))
+            return used
 
         return fraction
 
