@@ -81,7 +81,7 @@ def test_dsb_benchmark_smoke(tmp_path):
     root = generate_dataset(tmp_path / "syn", n_train=6, n_val=2, n_test=2, size=64, seed=2)
     out = tmp_path / "results"
     dsb.main(["--budget-min", "1", "--root", str(root), "--runs", str(tmp_path / "runs"), "--out", str(out),
-              "--eval-limit", "2", "--override", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "--eval-limit", "2", "--override", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
               "data.batch_size=2", "data.crop_size=64", "data.num_workers=0", "logger=none"])
     saved = json.loads((out / "dsb2018.json").read_text())
     assert set(saved["results"]) == {"maskrcnn", "unet", "classical"}
