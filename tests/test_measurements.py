@@ -67,6 +67,7 @@ def test_intensities_per_channel_in_raw_units(shapes):
     n1 = (labels == 1).sum()
     assert df.loc[1, "mean_intensity_c1"] == pytest.approx((40000 * (n1 - 1) + 50000) / n1)
     assert list(df["max_intensity_c1"]) == [50000, 40000, 40000]
+    np.testing.assert_allclose(df["integrated_intensity_c0"], [1000 * n1, 2000 * (labels == 2).sum(), 3000 * 400])
     # channel-first input gives the same; a single channel gives c0 only
     chw = measure(labels, np.moveaxis(raw, -1, 0)).set_index("label")
     pd.testing.assert_frame_equal(chw, df)

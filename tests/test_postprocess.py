@@ -67,14 +67,20 @@ def test_empty_targets():
     assert class_map.shape == (8, 9) and class_map.max() == 0 and distance.max() == 0
 
 
-@pytest.mark.parametrize("seed_method", ["core", "hmaxima"])
-def test_two_touching_disks_are_two_instances(seed_method):
+@pytest.mark.parametrize(
+    "seed_method, scale, smooth",
+    [("core", 1.0, 0.0), ("hmaxima", 1.0, 0.0), ("hmaxima", 1.0, 2.0), ("hmaxima", 0.5, 2.0)],
+)
+def test_two_touching_disks_are_two_instances(seed_method, scale, smooth):
+    """Ideal maps; ``scale`` 0.5 mimics a distance head whose output never exceeds 0.5."""
     shape = (64, 80)
     gt = np.stack([disk(shape, 32, 25, 12), disk(shape, 32, 49, 12)])
     gt[1][gt[0] > 0] = 0  # touching along a line, no overlap
     assert (gt[0][:, :-1] & gt[1][:, 1:]).any()  # they do touch: left pixel in one, right in the other
     class_map, distance = targets_to_unet_maps(gt)
-    labels, scores = unet_outputs_to_labels(ideal_probs(class_map), distance, seed_method=seed_method)
+    labels, scores = unet_outputs_to_labels(
+        ideal_probs(class_map), scale * distance, seed_method=seed_method, smooth=smooth
+    )
     assert labels.max() == 2 and scores.shape == (2,)
     np.testing.assert_allclose(scores, 1.0)
     inst = labels_to_instances(labels, scores)

@@ -153,4 +153,4 @@ def test_hydra_experiment_builds_the_unet():
     module = instantiate(cfg.model)
     assert isinstance(module, UNetModule)
     assert module.net.in_channels == cfg.data.channels and module.net.encoders[0][0].out_channels == 16
-    assert module.hparams["postprocess"]["seed_method"] == "core"
+    assert module.hparams["postprocess"]["seed_method"] == "hmaxima"

@@ -11,7 +11,8 @@ Column names carry their unit, so a CSV stays unambiguous once it leaves Python:
 - Unitless shape: ``aspect_ratio`` (major / minor axis), ``eccentricity`` (of the ellipse with
   the same second moments), ``solidity`` (area / convex area), ``circularity`` (4πA/P², 1 for a
   disk; clipped to 1 as ImageJ does, since perimeters of tiny objects are underestimated).
-- ``mean_intensity_c{k}``, ``max_intensity_c{k}`` per channel k, in raw image units (no
+- ``mean_intensity_c{k}``, ``max_intensity_c{k}``, ``integrated_intensity_c{k}`` (sum over the
+  object's pixels, e.g. DNA content per nucleus) per channel k, in raw image units (no
   normalisation: a 16-bit image gives 16-bit values), when ``image_raw`` is given.
 - ``score``: the model's confidence for the object (NaN when unknown).
 
@@ -128,6 +129,7 @@ def measure(
         suffix = "" if n_channels == 1 and "intensity_mean" in raw else f"-{c}"
         table[f"mean_intensity_c{c}"] = np.asarray(raw[f"intensity_mean{suffix}"], dtype=np.float64)
         table[f"max_intensity_c{c}"] = np.asarray(raw[f"intensity_max{suffix}"], dtype=np.float64)
+        table[f"integrated_intensity_c{c}"] = table[f"mean_intensity_c{c}"] * area  # sum over the pixels
     table["score"] = _score_column(scores, ids)
     df = pd.DataFrame(table)
     df.attrs["pixel_size_um"] = pixel_size

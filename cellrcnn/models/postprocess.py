@@ -4,10 +4,13 @@ U-Net representation (see :mod:`cellrcnn.models.unet`): a 3-class map (0 backgro
 1 interior, 2 boundary = the inner edge of every object, so touching objects are split by two
 boundary pixels) and a distance map normalised per object (1 at the centre, about 0 at the edge).
 
-Instances from it: seeds where the distance is high (thresholded cores, or h-maxima), a
-watershed down the distance map restricted to the foreground (interior + boundary
-probability), every foreground component without a seed kept as one object, small objects
-removed. The score of an instance is its mean foreground probability.
+Instances from it: seeds at the h-maxima of the (lightly smoothed) distance map, or at its
+thresholded cores; a watershed down the distance map restricted to the foreground (interior +
+boundary probability); every foreground component without a seed kept as one object; small
+objects removed. The score of an instance is its mean foreground probability. h-maxima are the
+default because they are relative: a distance head that is not yet calibrated (its peaks
+well below 1, as after a short training run) still yields one seed per nucleus, where a fixed
+threshold near its ceiling shatters nuclei into fragments.
 
 :func:`instances_to_label_image` is model-agnostic: Mask R-CNN predictions go through it too.
 """
@@ -108,12 +111,13 @@ def targets_to_unet_maps(masks, boundary_width: int = 1) -> tuple[np.ndarray, np
 def unet_outputs_to_labels(
     class_probs,
     distance,
-    fg_threshold: float = 0.5,
-    seed_method: str = "core",
+    fg_threshold: float = 0.6,
+    seed_method: str = "hmaxima",
     seed_threshold: float = 0.5,
-    h: float = 0.2,
+    h: float = 0.05,
     min_seed_size: int = 3,
     min_size: int = 10,
+    smooth: float = 2.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded watershed on U-Net outputs of one image.
 
@@ -127,6 +131,8 @@ def unet_outputs_to_labels(
         min_seed_size: core seeds smaller than this many pixels are dropped (noise); their pixels
             are flooded from a neighbouring seed or kept as an unseeded component.
         min_size: objects smaller than this many pixels are removed.
+        smooth: Gaussian sigma (pixels) applied to the distance map first; it merges the
+            ragged tops of a poorly calibrated distance map into one seed per object.
 
     Returns:
         ``labels`` int32 H×W with objects 1..N and ``scores`` float32 N (mean foreground
@@ -142,6 +148,8 @@ def unet_outputs_to_labels(
     if dist.size != probs[0].size:
         raise ValueError(f"distance of shape {dist.shape} does not match class_probs of shape {probs.shape}")
     dist = dist.reshape(probs.shape[1:])
+    if smooth > 0:
+        dist = ndimage.gaussian_filter(dist, smooth)
     fg_prob = probs[1] + probs[2]
     mask = fg_prob > fg_threshold
 
