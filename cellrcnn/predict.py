@@ -75,21 +75,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_module(resolve_checkpoint(cfg.get("ckpt_path")))
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
+    model = load_module(ckpt_path)
     set_score_threshold(model, cfg.get("score_threshold"))
     channels = input_channels(model)
-    images, others = input_files(cfg.input)
-    if Path(cfg.input).is_file() and Path(cfg.input).suffix.lower() not in IMAGE_SUFFIXES:
-        read_image(cfg.input)  # a lone non-image input fails here with a message naming it
+    images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
 
-    summary: dict[str, Any] = {"checkpoint": str(resolve_checkpoint(cfg.get("ckpt_path"))), "images": [], "skipped": []}
+    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "images": [], "skipped": []}
     results, tables, stems = [], [], set()
     for path in images:
         try:
             raw = read_image(path)
         except ImageReadError as exc:
             if Path(cfg.input).is_file():
-                raise
+                raise  # a single input: the error (naming the file) is the answer
             summary["skipped"].append({"file": str(path), "error": str(exc)})
             print(f"skipped {exc}")
             continue
