@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         "input_channels": int(dict(model.hparams).get("net", {}).get("in_channels", 3)),
         "trained_on": f"BBBC038 / DSB2018 stage1_train (community-fixed masks), {meta['n_train']} images "
                       f"(90 % by sha256('{meta['split_salt']}:'+ImageId)), from scratch",
-        "training_command": "python " + training.get("command", "train.py experiment=bbbc038_" + name),
+        "training_command": "python " + training.get("command", "train.py experiment=bbbc038_" + name).replace(f"{REPO}/", ""),
         "benchmark_command": f"python bench/dsb2018.py --budget-min {meta['budget_min']:g} --models maskrcnn,unet",
         "training_budget_min": meta["budget_min"], "global_step": metrics.get("global_step"),
         "heldout_images": meta["n_val"],
@@ -131,8 +131,10 @@ Held-out 10 % of the DSB2018 stage-1 training set ({card['heldout_images']} full
 |---|---|
 {rows}
 
-`infer_s_per_image` is CPU wall time per image. `bench/results/dsb2018.md` compares it with the other
-model and with Otsu + watershed. Expect lower scores on modalities absent from DSB2018 (e.g. phase
+These are the float32 weights' metrics before packing (the packed copy differs by at most ~0.4 % of
+a tensor's largest value); `bench/results/heldout_predict.md` scores the packed file through
+`predict.py`. `infer_s_per_image` is CPU wall time per image. `bench/results/dsb2018.md` compares it
+with the other model and with Otsu + watershed: check that comparison before relying on this model. Expect lower scores on modalities absent from DSB2018 (e.g. phase
 contrast, whole cells); for those, train on your own annotations with `train.py`.
 """)
     print(json.dumps(card, indent=1))

@@ -87,7 +87,7 @@ def test_dsb_benchmark_smoke(tmp_path):
     assert set(saved["results"]) == {"maskrcnn", "unet", "classical"}
     for metrics in saved["results"].values():
         assert 0.0 <= metrics["dsb_score"] <= 1.0 and metrics["infer_s_per_image"] > 0
-    assert saved["results"]["maskrcnn"]["global_step"] == 2
+    assert saved["results"]["maskrcnn"]["global_step"] >= 1  # trained through train.py
     table = (out / "dsb2018.md").read_text()
     assert "Otsu + watershed" in table and "dsb_score" in table
 
