@@ -1,10 +1,11 @@
 """``python predict.py [ckpt_path=...] input=FILE_OR_DIR output=DIR``: segment images.
 
-Per image ``<stem>.tif`` (label image, uint16; uint32 above 65,535 objects) and, when asked,
-``<stem>_overlay.png``; for the whole run ``coco_results.json`` (COCO results, ``image_id`` as in
-``predictions.json``), ``predictions.json`` (images, object counts, skipped files) and with
-``measure=true`` ``measurements.csv`` (one row per cell). Large images are predicted in
-overlapping tiles. A file that cannot be read is reported by name and skipped; the other images
+Per image ``<stem>.tif`` (label image, uint16; uint32 above 65,535 objects), ``<stem>_overlay.png``
+and the ``exports`` asked for (``geojson``: QuPath polygons, ``imagej``: Fiji ROI zip); for the
+whole run ``coco_results.json`` (COCO results, ``image_id`` as in ``predictions.json``),
+``predictions.json`` (images, object counts, skipped files) and with ``measure=true``
+``measurements.csv`` (one row per cell, ``anomaly=true`` adds shape-anomaly scores) and
+``summary.csv`` (per image). Images larger than ``tile_size`` are predicted in overlapping tiles. A file that cannot be read is reported by name and skipped; the other images
 of a folder are still processed.
 """
 
@@ -14,13 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .io import IMAGE_SUFFIXES, ImageReadError, prepare_image, read_image, to_channels
+from .io import IMAGE_SUFFIXES, ImageReadError, read_image
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "nuclei.ckpt"
+MIN_CELLS_FOR_ANOMALY = 30  # fewer cells cannot define what a typical shape is
 
 
 def resolve_checkpoint(ckpt_path: str | Path | None) -> Path:
@@ -47,28 +48,30 @@ def input_files(path: str | Path) -> tuple[list[Path], list[Path]]:
     return images, [p for p in files if p not in images]
 
 
-def model_input(raw: np.ndarray, channels: int, tile_size: int) -> np.ndarray:
-    """C×H×W model input: normalised float for images that fit one tile (exactly as in training);
-    raw integers for larger ones, which the tiler normalises once with whole-image percentiles."""
-    if raw.dtype == bool:
-        raw = raw.astype(np.uint8)
-    if max(raw.shape[:2]) <= tile_size or raw.dtype.kind == "f":
-        return prepare_image(raw, channels)
-    return np.ascontiguousarray(np.moveaxis(to_channels(raw, channels), -1, 0))
+def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int]], cfg: DictConfig) -> None:
+    """``measurements.csv`` (or .parquet with ``table_format=parquet``): one row per cell, with
+    ``anomaly_score`` / ``is_anomalous`` from a shape autoencoder fitted on this run's cells when
+    ``anomaly=true``; ``summary.csv``: count, mean area and density per image (zero-cell images included)."""
+    import pandas as pd
+
+    from .inference import fit_anomaly_model, score_anomalies, summarize, write_table
+
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image", "label", "area_px"])
+    if cfg.get("anomaly") and len(table) >= MIN_CELLS_FOR_ANOMALY:
+        model = fit_anomaly_model(table)
+        table = score_anomalies(model, table)
+        model.save(out / "shape_anomaly_model.pt")
+    elif cfg.get("anomaly"):
+        print(f"anomaly=true needs at least {MIN_CELLS_FOR_ANOMALY} cells to learn typical shapes; found {len(table)}")
+    suffix = ".parquet" if cfg.get("table_format") == "parquet" else ".csv"
+    write_table(table, out / f"measurements{suffix}")
+    write_table(summarize(table, image_shapes=shapes, pixel_size=cfg.get("pixel_size")), out / f"summary{suffix}")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
     from .evaluate import input_channels, set_score_threshold
-    from .inference import (
-        coco_results,
-        measure,
-        predict_tiled,
-        write_coco_results,
-        write_overlay_png,
-        write_table,
-    )
-    from .io import write_label_image
+    from .inference import coco_results, measure, predict_image, write_coco_results, write_exports
     from .modules.base import load_module
 
     if cfg.get("threads"):
@@ -82,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
 
     summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "images": [], "skipped": []}
-    results, tables, stems = [], [], set()
+    results, tables, stems, shapes = [], [], set(), {}
     for path in images:
         try:
             raw = read_image(path)
@@ -92,29 +95,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary["skipped"].append({"file": str(path), "error": str(exc)})
             print(f"skipped {exc}")
             continue
-        image = model_input(raw, channels, int(cfg.tile_size))
-        labels, scores = predict_tiled(
-            image, model.predict_instances, int(cfg.tile_size), int(cfg.tile_overlap), progress=False, channels=channels
+        # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
+        # with whole-image percentiles (cellrcnn.inference.tiling)
+        labels, scores = predict_image(
+            raw, model.predict_instances, channels, int(cfg.tile_size), int(cfg.tile_overlap), progress=True
         )
         stem = path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}"
         stems.add(stem)
         image_id = len(summary["images"]) + 1
-        write_label_image(out / f"{stem}.tif", labels)
         objects = coco_results(labels, image_id, scores)
         results += objects
-        if cfg.get("overlays", True):
-            write_overlay_png(out / f"{stem}_overlay.png", raw, labels)
-        if cfg.get("measure", False):
-            tables.append(measure(labels, raw, path.name, scores, cfg.get("pixel_size")))
+        table = measure(labels, raw, path.name, scores, cfg.get("pixel_size")) if cfg.get("measure") else None
+        if table is not None:
+            tables.append(table)
+        formats = ("tiff", *cfg.get("exports", ()), *(("overlay",) if cfg.get("overlays", True) else ()))
+        write_exports(out, stem, labels, image_raw=raw, scores=scores, formats=formats, measurements=table)
+        shapes[path.name] = labels.shape
         n = len(objects)
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
                                   "width": int(labels.shape[1]), "n_objects": n})
         print(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
     write_coco_results(out / "coco_results.json", results)
-    if tables:
-        import pandas as pd
-
-        write_table(pd.concat(tables, ignore_index=True), out / "measurements.csv")
+    if cfg.get("measure"):
+        write_measurements(out, tables, shapes, cfg)
     summary["ignored"] = [str(p) for p in others]
     (out / "predictions.json").write_text(json.dumps(summary, indent=1))
     if summary["skipped"]:

@@ -123,3 +123,32 @@ def test_shipped_checkpoint_missing_is_explained(monkeypatch, tmp_path):
     (tmp_path / "weights" / "nuclei.ckpt").write_bytes(b"")
     assert resolve_checkpoint(None) == tmp_path / "weights" / "nuclei.ckpt"
     assert resolve_checkpoint("given.ckpt") == Path("given.ckpt")
+
+
+def test_predict_measures_flags_and_exports(trained, images, tmp_path, monkeypatch):
+    """measure=true, anomaly=true and exports=[geojson,imagej]: every table and file agrees with the label images."""
+    import pandas as pd
+    import roifile
+
+    ckpt, _ = trained
+    folder, stems = images
+    out = tmp_path / "out"
+    monkeypatch.setattr(predict_module, "MIN_CELLS_FOR_ANOMALY", 1)  # a tiny model finds few cells
+    cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={folder}", f"output={out}", "threads=1",
+                                     "measure=true", "anomaly=true", "pixel_size=0.5", "score_threshold=0.0",
+                                     "exports=[geojson,imagej]"], tmp_path)
+    summary = predict_run(cfg)
+    table = pd.read_csv(out / "measurements.csv")
+    per_image = pd.read_csv(out / "summary.csv").set_index("image")
+    assert set(per_image.index) == {Path(im["file"]).name for im in summary["images"]}  # zero-cell images too
+    for im in summary["images"]:
+        labels = read_label_image(out / im["labels"])
+        n = len(np.unique(labels[labels > 0]))
+        name, stem = Path(im["file"]).name, Path(im["labels"]).stem
+        assert (table["image"] == name).sum() == n == per_image.loc[name, "count"]
+        assert len(json.loads((out / f"{stem}.geojson").read_text())["features"]) == n
+        rois = roifile.roiread(out / f"{stem}_rois.zip") if n else []
+        assert len(rois if isinstance(rois, list) else [rois]) == n
+    assert "area_um2" in table.columns and len(table) > 0  # score_threshold=0 keeps every detection
+    assert {"anomaly_score", "is_anomalous"} <= set(table.columns)
+    assert (out / "shape_anomaly_model.pt").is_file()
