@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env_start = environment()
-    n_train = (args.warmup + args.iters) * args.batch
+    n_train = (args.warmup + args.iters) * args.batch if args.iters > 0 else 0
     crops = [synthetic_sample(1000 + i, args.crop) for i in range(n_train)]
     batches = [tuple(map(list, zip(*crops[i : i + args.batch], strict=True))) for i in range(0, n_train, args.batch)]
     small = [synthetic_sample(2000 + i, args.crop)[0] for i in range(args.warmup + args.infer_iters)]
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
     for runner in build_runners(args.models.split(","), args):
         print(f"[speed] {runner.name} ({runner.n_params / 1e6:.1f} M parameters)", flush=True)
         row = {"params_M": runner.n_params / 1e6}
-        row["train_img_per_s"] = time_training(runner, batches, args.warmup)
+        row["train_img_per_s"] = time_training(runner, batches, args.warmup) if args.iters > 0 else float("nan")
         row["infer_ms_256"], row["dets_256"] = time_inference(runner, small, args.warmup)
         ms_big, row["dets_big"] = time_inference(runner, big, 1)
         row["infer_ms_per_MP"] = ms_big / (args.big * args.big / 1e6)
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, row in rows.items():
             if name != "stock_maskrcnn_r50_fpn":
                 ratios[name] = {
-                    "train": row["train_img_per_s"] / stock["train_img_per_s"],
+                    "train": row["train_img_per_s"] / stock["train_img_per_s"] if args.iters > 0 else float("nan"),
                     "infer_256": stock["infer_ms_256"] / row["infer_ms_256"],
                     "infer_MP": stock["infer_ms_per_MP"] / row["infer_ms_per_MP"],
                 }
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--crop", type=int, default=256, help="training crop / small inference image side, px")
     p.add_argument("--big", type=int, default=1024, help="side of the megapixel inference image, px")
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations excluded from the timing")
-    p.add_argument("--iters", type=int, default=5, help="timed training iterations")
+    p.add_argument("--iters", type=int, default=5, help="timed training iterations (0: inference only)")
     p.add_argument("--infer-iters", type=int, default=6, help="timed inference runs on small images")
     p.add_argument("--big-iters", type=int, default=2, help="timed inference runs on big images")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

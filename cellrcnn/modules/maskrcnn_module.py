@@ -105,7 +105,11 @@ class MaskRCNNModule(InstanceSegModule):
         results = []
         for out, im in zip(outputs, images, strict=True):
             keep = out["scores"] >= self.score_threshold
-            masks = out["masks"][keep][:, 0] > self.mask_threshold if "masks" in out else torch.zeros(0, *im.shape[-2:])
+            if "masks" in out:  # N×1×H×W floats: skip the boolean-index copy when every row is kept
+                probs = out["masks"] if bool(keep.all()) else out["masks"][keep]
+                masks = probs[:, 0] > self.mask_threshold
+            else:
+                masks = torch.zeros(0, *im.shape[-2:])
             results.append(
                 {
                     "masks": masks.to(torch.uint8).cpu(),
