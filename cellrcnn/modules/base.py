@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +185,13 @@ class InstanceSegModule(L.LightningModule):
 
     def _log_metrics(self, split: str) -> None:
         metrics = self.evaluator.compute()  # already gathered across ranks: identical on each
-        for name, value in metrics.items():
-            if name.startswith("n_") or not np.isfinite(value):
-                continue
-            self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
+        with warnings.catch_warnings():
+            # Lightning asks for sync_dist under DDP; the values are already identical on every rank
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            for name, value in metrics.items():
+                if name.startswith("n_") or not np.isfinite(value):
+                    continue
+                self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
         self.last_metrics = {f"{split}/{k}": v for k, v in metrics.items()}
 
     def _log_overlays(self, split: str = "val") -> None:
