@@ -29,6 +29,10 @@ from lightning.pytorch.callbacks import Timer
 
 from ..evaluation.evaluator import Evaluator
 
+# Under DDP Lightning asks for sync_dist on epoch-level logs (when it reduces them, after
+# ``self.log``); the evaluator's metrics are already gathered and identical on every rank.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+
 OPTIM_DEFAULTS: dict[str, Any] = {
     "name": "adamw",  # adamw | sgd
     "lr": 1e-3,
@@ -185,13 +189,10 @@ class InstanceSegModule(L.LightningModule):
 
     def _log_metrics(self, split: str) -> None:
         metrics = self.evaluator.compute()  # already gathered across ranks: identical on each
-        with warnings.catch_warnings():
-            # Lightning asks for sync_dist under DDP; the values are already identical on every rank
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for name, value in metrics.items():
-                if name.startswith("n_") or not np.isfinite(value):
-                    continue
-                self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
+        for name, value in metrics.items():
+            if name.startswith("n_") or not np.isfinite(value):
+                continue
+            self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
         self.last_metrics = {f"{split}/{k}": v for k, v in metrics.items()}
 
     def _log_overlays(self, split: str = "val") -> None:
