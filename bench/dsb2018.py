@@ -1,15 +1,19 @@
 """DSB2018 (BBBC038 stage 1) benchmark: Mask R-CNN cell preset vs U-Net vs Otsu + watershed.
 
     python bench/dsb2018.py [--budget-min 60] [--models maskrcnn,unet] [--out bench/results]
-                            [--parallel | --sequential] [--threads N]
+                            [--sequential | --parallel] [--threads 1] [--calibration-images 48]
+                            [--train-only | --skip-train]
 
 1. Converts ``stage1_train.zip`` to COCO (``datasets/coco/bbbc038``) unless already converted.
 2. Splits every image 90/10 by the SHA-256 of its ImageId (``split_by_hash``, salt ``dsb2018``),
    written as ``annotations/dsb_train90.json`` and ``annotations/dsb_val10.json``.
 3. Trains each model with the project's own ``train.py experiment=bbbc038_<model>`` for a fixed
-   wall budget (``trainer.max_time``), in parallel (one torch thread each) or one after the other.
-4. Scores the final weights of each run and the classical floor on the held-out 10 % (full images)
-   with the shared Evaluator, and writes ``dsb2018.json`` and ``dsb2018.md`` to ``--out``.
+   wall budget (``trainer.max_time``): one after the other, each as two single-threaded DDP
+   processes on the two cores (the experiments' ``trainer=ddp``), or side by side.
+4. Chooses each run's decision thresholds on 48 full *training* images
+   (``cellrcnn.evaluation.calibrate``: score/mask thresholds, watershed foreground/seed depth).
+5. Scores the calibrated final weights of each run and the classical floor on the held-out 10 %
+   (full images) with the shared Evaluator, and writes ``dsb2018.json`` and ``dsb2018.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,10 +32,7 @@ DEFAULT_SRC = REPO.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
 DEFAULT_ROOT = REPO / "datasets" / "coco" / "bbbc038"
 SPLITS = ("dsb_train90", "dsb_val10")
 SALT = "dsb2018"
-# training throughput (images/s at one torch thread, 256×256 crops, on a CPU shared with other jobs)
-# that sizes the cosine schedule so the learning rate reaches its floor near the end of the budget
-RATE_1THREAD = {"maskrcnn": 0.5, "unet": 0.6}
-BATCH = {"maskrcnn": 4, "unet": 4}
+MODELS = ("maskrcnn", "unet")
 COLUMNS = ("dsb_score", "segm_AP", "segm_AP50", "f1@0.5", "f1@0.7", "pq@0.5", "dice")
 
 
@@ -88,15 +89,15 @@ def write_split(root: Path) -> dict[str, int]:
 
 
 def train_command(model: str, budget_min: float, threads: int, run_dir: Path, root: Path, extra: list[str]) -> list[str]:
-    """``python train.py experiment=bbbc038_<model>`` for a wall budget on the benchmark split."""
-    steps = max(200, int(budget_min * 60 * RATE_1THREAD[model] * threads**0.8 / BATCH[model]))
+    """``python train.py experiment=bbbc038_<model>`` for a wall budget on the benchmark split (the
+    learning-rate schedule follows the elapsed share of ``trainer.max_time``)."""
     seconds = max(1, int(round(budget_min * 60)))
     return [
         sys.executable, "train.py", f"experiment=bbbc038_{model}",
         f"data.root={root}", f"data.train_split={SPLITS[0]}", f"data.val_split={SPLITS[1]}",
         f"data.test_split={SPLITS[1]}",
         f"trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}",
-        f"model.optim.total_steps={steps}", f"threads={threads}", "test=false", "logger=tensorboard",
+        f"threads={threads}", "test=false", "logger=tensorboard",
         f"name=dsb2018_{model}", f"hydra.run.dir={run_dir}", "callbacks.progress_bar.refresh_rate=50",
         *extra,
     ]  # fmt: skip
@@ -176,7 +177,28 @@ def checkpoint_of(run_dir: Path) -> Path:
     return path
 
 
-def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit: int | None) -> dict[str, dict]:
+def calibrate_run(model: str, ckpt: Path, root: Path, n_images: int) -> tuple[Path, dict]:
+    """Choose the run's thresholds on ``n_images`` full training images (never the held-out split)
+    with ``cellrcnn.evaluation.calibrate``; returns the calibrated checkpoint and the grid report."""
+    from cellrcnn.data.coco import CocoInstanceDataset
+    from cellrcnn.evaluation.calibrate import calibrate, pick_images, write_calibrated
+    from cellrcnn.modules.base import load_module
+
+    module = load_module(ckpt)
+    channels = int(dict(module.hparams).get("net", {}).get("in_channels", 3))
+    dataset = CocoInstanceDataset(root / "annotations" / f"{SPLITS[0]}.json", image_root=root / "images", channels=channels)
+    samples = [dataset[i] for i in pick_images(len(dataset), n_images)]
+    start = time.perf_counter()
+    update, report = calibrate(module, samples)
+    report["seconds"] = time.perf_counter() - start
+    out = write_calibrated(ckpt, update, report, ckpt.with_name("calibrated.ckpt"))
+    print(f"[dsb2018] {model}: calibrated {report['chosen']} on {len(samples)} training images "
+          f"(dsb {report['previous_dsb_score']:.3f} -> {report['dsb_score']:.3f}, {report['seconds']:.0f} s)", flush=True)
+    return out, report
+
+
+def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit: int | None,
+                 calibration_images: int) -> dict[str, dict]:
     import torch
 
     from cellrcnn.data.coco import CocoInstanceDataset
@@ -187,6 +209,9 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
     results: dict[str, dict] = {}
     for model in models:
         ckpt = checkpoint_of(runs / model)
+        calibration = None
+        if calibration_images > 0:
+            ckpt, calibration = calibrate_run(model, ckpt, root, calibration_images)
         module = load_module(ckpt)
         channels = int(dict(module.hparams).get("net", {}).get("in_channels", 3))
         dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=channels)
@@ -194,7 +219,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model)
         metrics.update(checkpoint=str(ckpt), global_step=int(state.get("global_step", -1)),
-                       epoch=int(state.get("epoch", -1)))
+                       epoch=int(state.get("epoch", -1)), calibration=calibration)
         results[model] = metrics
         del module, state
     dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
@@ -218,6 +243,12 @@ def write_tables(out: Path, results: dict[str, dict], meta: dict) -> None:
               f"each, CPU `{meta['cpu']}`; load at start `{meta['uptime_start']}`, at end `{meta['uptime_end']}`.",
               "dsb_score = mean over images of the mean over IoU 0.50:0.05:0.95 of TP/(TP+FP+FN); "
               "segm_AP from pycocotools with 1000 detections per image; f1/pq pooled over the split."]
+    chosen = [f"{names.get(k, k).split(' (')[0]} {m['calibration']['chosen']} (dsb {m['calibration']['previous_dsb_score']:.3f}"
+              f" -> {m['calibration']['dsb_score']:.3f} on {m['calibration']['n_images']} training images)"
+              for k, m in results.items() if m.get("calibration")]
+    if chosen:
+        lines.append("Decision thresholds chosen after training on training images (`cellrcnn.evaluation.calibrate`): "
+                     + "; ".join(chosen) + ".")
     (out / "dsb2018.md").write_text("\n".join(lines) + "\n")
     (out / "dsb2018.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print("\n".join(lines))
@@ -232,19 +263,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="converted COCO dataset folder")
     p.add_argument("--runs", type=Path, default=REPO / "outputs" / "dsb2018", help="training run folders")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--parallel", dest="parallel", action="store_true", default=True,
-                      help="train the models side by side (default)")
-    mode.add_argument("--sequential", dest="parallel", action="store_false")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training (and for evaluation)")
+    mode.add_argument("--sequential", dest="parallel", action="store_false", default=False,
+                      help="train one model after the other, each on every core (default)")
+    mode.add_argument("--parallel", dest="parallel", action="store_true", help="train the models side by side")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per training process (the experiments run two DDP processes)")
     p.add_argument("--skip-train", action="store_true", help="only evaluate the existing runs")
+    p.add_argument("--train-only", action="store_true", help="train, and leave the scoring to a later --skip-train")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out images")
+    p.add_argument("--calibration-images", type=int, default=48,
+                   help="training images the decision thresholds are chosen on after training (0: keep the configured ones)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for both trainings")
     args = p.parse_args(argv)
     args.out, args.root, args.runs = args.out.resolve(), args.root.resolve(), args.runs.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models.split(",") if m]
-    if unknown := set(models) - set(RATE_1THREAD):
-        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {sorted(RATE_1THREAD)}")
+    if unknown := set(models) - set(MODELS):
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
 
     sys.path.insert(0, str(REPO))
     meta = {"budget_min": args.budget_min, "mode": "parallel" if args.parallel else "sequential",
@@ -263,8 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         if failed:
             print(f"[dsb2018] training failed for {failed}; scoring the others", flush=True)
             models = [m for m in models if m not in failed]
-    results = evaluate_all(models, args.runs, args.root, max(1, args.threads * (2 if args.parallel else 1)),
-                           args.eval_limit)
+        if args.train_only:
+            (args.out / "dsb2018.json").write_text(json.dumps({"meta": meta, "results": {}}, indent=1))
+            return
+    results = evaluate_all(models, args.runs, args.root, os.cpu_count() or 1, args.eval_limit, args.calibration_images)
     meta.update(uptime_end=_uptime(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     write_tables(args.out, results, meta)
 

@@ -127,6 +127,10 @@ def test_lr_schedule_known_values():
     with pytest.raises(ValueError, match="linear"):
         lr_factor(50, 100, {**cfg, "schedule": "linear"})
     assert math.isfinite(lr_factor(50, 10, cfg))  # past the end: stays at the floor
+    # a wall-time budget alone (no step count): the elapsed share of it decides
+    assert lr_factor(10**6, math.inf, cfg) == 1.0
+    assert lr_factor(10**6, math.inf, cfg, time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_factor(5, math.inf, cfg, time_fraction=0.5) == pytest.approx(0.5)  # warm-up first
 
 
 def test_tp_fp_fn_colours():
@@ -140,3 +144,38 @@ def test_tp_fp_fn_colours():
     assert tuple(rgb[2, 4]) == TP_COLOR and tuple(rgb[2, 22]) == FP_COLOR and tuple(rgb[12, 4]) == FN_COLOR
     assert tuple(rgb[15, 5]) == (0, 0, 0)  # a missed object is outlined, not filled
     assert tuple(rgb[10, 15]) == (0, 0, 0)  # background untouched
+
+
+def test_paste_masks_matches_torchvision():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from cellrcnn.models.maskrcnn import paste_masks
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 1, 28, 28, generator=gen)
+    # inside, on every border, a one-pixel box, one partly outside the frame
+    boxes = torch.tensor([[10, 12, 40, 30], [0, 0, 15, 9], [50, 30, 64, 48], [20.5, 20.5, 21.2, 21.4], [-8, 40, 6, 60]])
+    size = (48, 64)
+    for threshold in (0.3, 0.5, 0.8):
+        expected = (paste_masks_in_image(probs, boxes, size)[:, 0] > threshold).to(torch.uint8)
+        got = paste_masks(probs, boxes, size, threshold)
+        assert got.dtype == torch.uint8 and got.shape == (5, *size)
+        assert torch.equal(got, expected)
+    assert all(m.sum() > 0 for m in got)
+    # a box entirely outside the frame (torchvision raises) gives an empty mask
+    assert paste_masks(probs[:1], torch.tensor([[70.0, 70, 90, 90]]), size).sum() == 0
+    assert paste_masks(probs[:0], boxes[:0], size).shape == (0, *size)
+
+
+def test_predict_instances_equals_torchvision_forward():
+    """``predict_instances`` (detect + per-box paste) gives torchvision's own forward's masks."""
+    torch.manual_seed(0)
+    module = MaskRCNNModule(net=TINY, score_threshold=0.0)
+    image, _ = disks()
+    module.eval()
+    with torch.no_grad():
+        reference = module.net([image])[0]
+    pred = module.predict_instances([image])[0]
+    assert len(pred["scores"]) == len(reference["scores"]) > 0
+    assert torch.allclose(pred["boxes"], reference["boxes"])
+    assert torch.equal(pred["masks"], (reference["masks"][:, 0] > 0.5).to(torch.uint8))

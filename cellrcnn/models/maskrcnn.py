@@ -210,3 +210,51 @@ def build_maskrcnn(
     else:
         model.transform = GeneralizedRCNNTransform(min_size, max_size, mean, std)
     return model
+
+
+@torch.no_grad()
+def detect(model: MaskRCNN, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Run ``model`` (in eval mode) on ``images`` without pasting masks into the full frame.
+
+    Returns per image ``boxes`` (in the input image's pixels), ``scores``, ``labels`` and
+    ``mask_probs`` (N×1×M×M mask-head probabilities in box coordinates). torchvision's own
+    forward pastes every mask into a float image of the full frame (N×H×W float32: 1.2 GB and
+    most of the inference time for 300 nuclei on a 1024² field); :func:`paste_masks` does it per box.
+    """
+    from torchvision.models.detection.transform import resize_boxes
+
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    batch, _ = model.transform(list(images))
+    features = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, features)
+    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    for det, size, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
+        det["boxes"] = resize_boxes(det["boxes"], size, original)
+        det["mask_probs"] = det.pop("masks", None)
+    return detections
+
+
+def paste_masks(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
+    """Binary N×H×W uint8 masks from N×1×M×M box-relative probabilities, written only inside each
+    box. Identical to ``torchvision``'s ``paste_masks_in_image(...) > threshold`` (same one-pixel
+    padding, box expansion and bilinear resize), without its N full-frame float images."""
+    from torch.nn import functional as F
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    height, width = size
+    out = torch.zeros((len(mask_probs), height, width), dtype=torch.uint8)
+    if len(mask_probs) == 0:
+        return out
+    padded, scale = expand_masks(mask_probs, padding=1)
+    for i, (prob, box) in enumerate(zip(padded, expand_boxes(boxes, scale).to(torch.int64).tolist(), strict=True)):
+        x0, y0, x1, y1 = box
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            continue  # box entirely outside the image
+        resized = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        crop = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        out[i, cy0:cy1, cx0:cx1] = (crop > threshold).to(torch.uint8).cpu()
+    return out

@@ -48,7 +48,7 @@ OPTIM_DEFAULTS: dict[str, Any] = {
 }
 
 
-def lr_factor(step: int, total: int, cfg: dict[str, Any], time_fraction: float = 0.0) -> float:
+def lr_factor(step: int, total: float, cfg: dict[str, Any], time_fraction: float = 0.0) -> float:
     """Multiplier of the base learning rate at optimiser step ``step`` of ``total``.
 
     Linear warm-up from ``warmup_start_factor`` to 1 over ``warmup_steps``, then cosine down to
@@ -140,17 +140,20 @@ class InstanceSegModule(L.LightningModule):
         else:
             raise ValueError(f"optim.name must be adamw or sgd, got {cfg['name']!r}")
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        clock, timed = self._time_fraction_clock()
         if not math.isfinite(total):
-            total = cfg["total_steps"] or int(cfg["warmup_steps"]) * 10
-        clock = self._time_fraction_clock()
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, int(total), cfg, clock()))
+            # only a wall-time budget bounds the run: the schedule then follows elapsed time alone
+            # (a step count guessed from an assumed speed anneals too early or too late)
+            total = cfg["total_steps"] or (math.inf if timed else int(cfg["warmup_steps"]) * 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, cfg, clock()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _time_fraction_clock(self):
-        """A function returning the used share of the trainer's ``max_time`` (0 without one)."""
+        """A function returning the used share of the trainer's ``max_time`` (0 without one), and
+        whether there is such a budget."""
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None) if self._trainer else None
         if timer is None:
-            return lambda: 0.0
+            return (lambda: 0.0), False
 
         def fraction() -> float:
             elapsed = timer.time_elapsed()
@@ -160,7 +163,7 @@ class InstanceSegModule(L.LightningModule):
                 used = float(self.trainer.strategy.broadcast(used, src=0))
             return used
 
-        return fraction
+        return fraction, True
 
     # ---------------------------------------------------------------- validation / test
     def on_validation_epoch_start(self) -> None:

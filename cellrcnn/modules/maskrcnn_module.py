@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..models.maskrcnn import build_maskrcnn
+from ..models.maskrcnn import build_maskrcnn, detect, paste_masks
 from .base import InstanceSegModule
 
 
@@ -93,29 +93,39 @@ class MaskRCNNModule(InstanceSegModule):
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict_instances(self, images: list[torch.Tensor]) -> list[dict]:
-        """Per image: ``masks`` uint8 N×H×W, ``boxes`` float32 N×4, ``scores`` N, ``labels`` N (CPU),
-        detections with score >= ``score_threshold`` in decreasing score order."""
+    def detect(self, images: list[torch.Tensor]) -> list[dict]:
+        """Detections of :func:`cellrcnn.models.maskrcnn.detect` with score >= ``score_threshold``
+        (``boxes``, ``scores``, ``labels``, unpasted ``mask_probs``), in decreasing score order."""
         was_training = self.net.training
         self.net.eval()
         try:
-            outputs = self.net([im.to(self.device, torch.float32) for im in images])
+            outputs = detect(self.net, [im.to(self.device, torch.float32) for im in images])
         finally:
             self.net.train(was_training)
-        results = []
-        for out, im in zip(outputs, images, strict=True):
+        for out in outputs:
             keep = out["scores"] >= self.score_threshold
-            if "masks" in out:  # N×1×H×W floats: skip the boolean-index copy when every row is kept
-                probs = out["masks"] if bool(keep.all()) else out["masks"][keep]
-                masks = probs[:, 0] > self.mask_threshold
-            else:
-                masks = torch.zeros(0, *im.shape[-2:])
-            results.append(
-                {
-                    "masks": masks.to(torch.uint8).cpu(),
-                    "boxes": out["boxes"][keep].float().cpu(),
-                    "scores": out["scores"][keep].float().cpu(),
-                    "labels": out["labels"][keep].long().cpu(),
-                }
-            )
-        return results
+            for key, value in out.items():
+                out[key] = None if value is None else value[keep]
+        return outputs
+
+    def paste(self, detections: dict, size: tuple[int, int], mask_threshold: float | None = None) -> dict:
+        """One image's detections as an instance dict: ``masks`` uint8 N×H×W (probabilities above
+        ``mask_threshold``, default the module's), ``boxes`` float32 N×4, ``scores``, ``labels`` (CPU)."""
+        threshold = self.mask_threshold if mask_threshold is None else mask_threshold
+        boxes = detections["boxes"].float().cpu()
+        if detections["mask_probs"] is None:  # a box-only head
+            masks = torch.zeros((len(boxes), *size), dtype=torch.uint8)
+        else:
+            masks = paste_masks(detections["mask_probs"].float().cpu(), boxes, size, threshold)
+        return {
+            "masks": masks,
+            "boxes": boxes,
+            "scores": detections["scores"].float().cpu(),
+            "labels": detections["labels"].long().cpu(),
+        }
+
+    @torch.no_grad()
+    def predict_instances(self, images: list[torch.Tensor]) -> list[dict]:
+        """Per image: ``masks`` uint8 N×H×W, ``boxes`` float32 N×4, ``scores`` N, ``labels`` N (CPU),
+        detections with score >= ``score_threshold`` in decreasing score order."""
+        return [self.paste(det, tuple(im.shape[-2:])) for det, im in zip(self.detect(images), images, strict=True)]

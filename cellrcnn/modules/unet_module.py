@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -162,21 +163,23 @@ class UNetModule(InstanceSegModule):
         )
 
     @torch.no_grad()
+    def predict_maps(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One C×H×W image -> class probabilities (3×H×W) and the distance map (H×W), numpy."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
+            out = self.net(x.unsqueeze(0))
+            return out["logits"][0].softmax(dim=0).cpu().numpy(), out["distance"][0, 0].sigmoid().cpu().numpy()
+        finally:
+            self.train(was_training)
+
     def predict_instances(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """list of C×H×W float images -> list of instance dicts (masks uint8 N×H×W, boxes
         float32 N×4 xyxy, scores float32 N, labels int64 N; CPU tensors), one image at a time
         because sizes differ."""
-        was_training = self.training
-        self.eval()
-        try:
-            results = []
-            for image in images:
-                x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
-                out = self.net(x.unsqueeze(0))
-                probs = out["logits"][0].softmax(dim=0).cpu().numpy()
-                dist = out["distance"][0, 0].sigmoid().cpu().numpy()
-                labels, scores = unet_outputs_to_labels(probs, dist, **self.postprocess)
-                results.append(labels_to_instances(labels, scores))
-            return results
-        finally:
-            self.train(was_training)
+        results = []
+        for image in images:
+            labels, scores = unet_outputs_to_labels(*self.predict_maps(image), **self.postprocess)
+            results.append(labels_to_instances(labels, scores))
+        return results

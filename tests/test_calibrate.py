@@ -1,0 +1,91 @@
+"""Threshold calibration: known outputs in, the threshold that scores best out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellrcnn.evaluation.calibrate import calibrate, pick_images, write_calibrated
+from cellrcnn.models.postprocess import targets_to_unet_maps
+from cellrcnn.modules.base import load_module
+from cellrcnn.modules.maskrcnn_module import MaskRCNNModule
+from cellrcnn.modules.unet_module import UNetModule
+
+TINY = {"backbone": "resnet18", "preset": "cell", "returned_layers": [1, 2, 3], "fpn_channels": 32}
+
+
+def squares(size: int = 64) -> tuple[torch.Tensor, dict]:
+    """Two annotated 12×12 squares."""
+    masks = np.zeros((2, size, size), np.uint8)
+    masks[0, 10:22, 10:22] = 1
+    masks[1, 40:52, 30:42] = 1
+    target = {"masks": torch.from_numpy(masks), "boxes": torch.tensor([[10.0, 10, 22, 22], [30, 40, 42, 52]])}
+    return torch.zeros(1, size, size), target
+
+
+class FixedDetections(MaskRCNNModule):
+    """The two squares found with score 0.9 plus a false positive scoring 0.35."""
+
+    def detect(self, images):
+        boxes = torch.tensor([[10.0, 10, 22, 22], [30, 40, 42, 52], [50, 5, 60, 15]])
+        scores = torch.tensor([0.9, 0.9, 0.35])
+        keep = scores >= self.score_threshold
+        probs = torch.ones(3, 1, 28, 28)
+        return [{"boxes": boxes[keep], "scores": scores[keep], "labels": torch.ones(int(keep.sum()), dtype=torch.int64),
+                 "mask_probs": probs[keep]}]  # fmt: skip
+
+
+def test_maskrcnn_calibration_drops_the_false_positive():
+    module = FixedDetections(net=TINY, score_threshold=0.3)
+    update, report = calibrate(module, [squares()])
+    assert update["score_threshold"] == 0.4  # the lowest threshold above the false positive
+    assert module.score_threshold == 0.4 and module.net.roi_heads.score_thresh == 0.4
+    assert report["dsb_score"] > report["previous_dsb_score"]
+    assert report["previous"]["score_threshold"] == 0.3
+    pred = module.predict_instances([squares()[0]])[0]
+    assert len(pred["scores"]) == 2
+
+
+class GroundTruthMaps(UNetModule):
+    """U-Net outputs made from the annotation: class probability 0.85 for interior and boundary."""
+
+    def predict_maps(self, image):
+        _, target = squares()
+        classes, distance = targets_to_unet_maps(target["masks"].numpy())
+        probs = np.zeros((3, *classes.shape), np.float32)
+        probs[1][classes == 1] = 0.85
+        probs[2][classes == 2] = 0.85
+        probs[0] = 1.0 - probs[1] - probs[2]
+        return probs, distance.astype(np.float32)
+
+
+def test_unet_calibration_lowers_a_foreground_threshold_that_loses_objects():
+    module = GroundTruthMaps(net={"in_channels": 1, "base_width": 8, "depth": 2}, postprocess={"fg_threshold": 0.9})
+    update, report = calibrate(module, [squares()])
+    assert report["previous_dsb_score"] == 0.0  # 0.85 foreground probability never passes 0.9
+    assert update["postprocess"]["fg_threshold"] <= 0.6
+    assert report["dsb_score"] == 1.0
+    assert module.postprocess["fg_threshold"] == update["postprocess"]["fg_threshold"]
+
+
+def test_calibrated_checkpoint_round_trip(tmp_path):
+    module = MaskRCNNModule(net=TINY, score_threshold=0.5, mask_threshold=0.5)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"cellrcnn_module": "cellrcnn.modules.maskrcnn_module.MaskRCNNModule",
+                "hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, ckpt)  # fmt: skip
+    out = write_calibrated(ckpt, {"score_threshold": 0.7, "mask_threshold": 0.4}, {"chosen": "x"}, tmp_path / "c.ckpt")
+    loaded = load_module(out)
+    assert (loaded.score_threshold, loaded.mask_threshold, loaded.net.roi_heads.score_thresh) == (0.7, 0.4, 0.7)
+    assert torch.load(out, weights_only=False)["cellrcnn_calibration"] == {"chosen": "x"}
+
+
+def test_calibrate_rejects_other_modules():
+    with pytest.raises(TypeError, match="no thresholds"):
+        calibrate(torch.nn.Linear(2, 2), [])
+
+
+def test_pick_images_spreads_and_caps():
+    assert pick_images(10, None) == list(range(10))
+    assert pick_images(10, 3) == [0, 4, 9]
+    assert pick_images(3, 48) == [0, 1, 2]
