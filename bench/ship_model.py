@@ -109,9 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         "training_budget_min": meta["budget_min"], "global_step": metrics.get("global_step"),
         "heldout_images": meta["n_val"],
         "heldout_metrics": {k: round(float(metrics[k]), 4) for k in CARD_METRICS if k in metrics},
+        "decision_thresholds": (metrics.get("calibration") or {}).get("chosen"),
+        "calibration_images": (metrics.get("calibration") or {}).get("n_images"),
         "created": time.strftime("%Y-%m-%d"),
     }
     (args.dst.parent / "nuclei.json").write_text(json.dumps(card, indent=1) + "\n")
+    thresholds_note = (
+        f", chosen after training on {card['calibration_images']} full training images by "
+        "`python -m cellrcnn.evaluation.calibrate`" if card["decision_thresholds"] else ""
+    )
     rows = "\n".join(f"| {k} | {v} |" for k, v in card["heldout_metrics"].items())
     (args.dst.parent / "README.md").write_text(f"""# Shipped nuclei model (`nuclei.ckpt`)
 
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 - Training: `{card['training_command']}`
   ({card['training_budget_min']:g} min wall-clock budget on a CPU, {card['global_step']} optimiser steps),
   run by `{card['benchmark_command']}`.
+- Decision thresholds: {card['decision_thresholds'] or 'as configured'}{thresholds_note}.
 - File: {card['size_MB']} MB, weights stored as {dtype} (optimiser state removed; loaded as float32).
 
 Held-out 10 % of the DSB2018 stage-1 training set ({card['heldout_images']} full-size images):

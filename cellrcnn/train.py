@@ -38,6 +38,33 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[L.Callback]:
     return callbacks
 
 
+def calibrate_thresholds(model: L.LightningModule, datamodule, n_images: int, trainer: L.Trainer, out_dir: Path) -> None:
+    """Choose the model's decision thresholds on up to ``n_images`` validation images
+    (:mod:`cellrcnn.evaluation.calibrate`, as StarDist optimises its thresholds after training),
+    then save ``checkpoints/calibrated.ckpt`` and ``calibration.json``. Every DDP rank computes the
+    same choice from the same images, so no broadcast is needed."""
+    from .data.coco import CocoInstanceDataset
+    from .evaluation.calibrate import calibrate, pick_images
+
+    channels = int(dict(model.hparams).get("net", {}).get("in_channels", datamodule.channels))
+    dataset = CocoInstanceDataset(
+        datamodule.annotation_file("val"), image_root=datamodule.root / "images", channels=channels
+    )
+    samples = [dataset[i] for i in pick_images(len(dataset), n_images)]
+    if not samples:
+        return
+    update, report = calibrate(model, samples)
+    model.hparams.update(update)  # saved with the checkpoint: load_module rebuilds the calibrated model
+    trainer.save_checkpoint(out_dir / "checkpoints" / "calibrated.ckpt")
+    if trainer.is_global_zero:
+        (out_dir / "calibration.json").write_text(json.dumps(report, indent=1))
+        print(
+            f"calibrated on {len(samples)} validation images: {report['chosen']} "
+            f"(dsb_score {report['previous_dsb_score']:.3f} -> {report['dsb_score']:.3f}); "
+            f"weights with these thresholds: {out_dir / 'checkpoints' / 'calibrated.ckpt'}"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the test metrics (or {})."""
     start = time.perf_counter()
@@ -59,10 +86,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None else ""
     use_best = cfg.get("test_weights", "best") == "best" and best
-    trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None, verbose=False)
+    if use_best:
+        model.load_state_dict(torch.load(best, map_location=model.device, weights_only=False)["state_dict"])
+    if cfg.get("calibrate"):
+        calibrate_thresholds(model, datamodule, int(cfg.calibrate), trainer, out_dir)
+    trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in model.last_metrics.items()}
     if trainer.is_global_zero:
         weights = f"best checkpoint {best}" if use_best else "final weights"
+        weights += ", calibrated thresholds" if cfg.get("calibrate") else ""
         title = f"{cfg.get('name', 'run')}: test split, {weights}"
         table = metrics_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

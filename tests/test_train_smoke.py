@@ -1,5 +1,6 @@
 """Training end to end on a tiny synthetic set: fast_dev_run, checkpoint resume, DDP on CPU (gloo)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from cellrcnn.modules.base import load_module
 from cellrcnn.train import compose_config, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +65,13 @@ def test_train_then_test_writes_metrics(tmp_path):
     assert metrics["test/n_images"] == 2
     assert (tmp_path / "metrics.md").read_text().startswith("**default: test split")
     assert (tmp_path / "test_overlay_tp_fp_fn.png").is_file()
+    # thresholds chosen on the validation images and stored with the weights
+    report = json.loads((tmp_path / "calibration.json").read_text())
+    assert set(report["chosen"]) == {"score_threshold", "mask_threshold"}
+    assert report["dsb_score"] >= report["previous_dsb_score"]
+    calibrated = load_module(tmp_path / "checkpoints" / "calibrated.ckpt")
+    assert calibrated.score_threshold == report["chosen"]["score_threshold"]
+    assert calibrated.mask_threshold == report["chosen"]["mask_threshold"]
 
 
 @pytest.mark.slow
