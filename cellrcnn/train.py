@@ -38,21 +38,26 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[L.Callback]:
     return callbacks
 
 
-def calibrate_thresholds(model: L.LightningModule, datamodule, n_images: int, trainer: L.Trainer, out_dir: Path) -> None:
+def calibrate_thresholds(
+    model: L.LightningModule, datamodule, n_images: int, trainer: L.Trainer, out_dir: Path
+) -> bool:
     """Choose the model's decision thresholds on up to ``n_images`` validation images
     (:mod:`cellrcnn.evaluation.calibrate`, as StarDist optimises its thresholds after training),
-    then save ``checkpoints/calibrated.ckpt`` and ``calibration.json``. Every DDP rank computes the
-    same choice from the same images, so no broadcast is needed."""
+    then save ``checkpoints/calibrated.ckpt`` and ``calibration.json``; False when there are no
+    validation images. Every DDP rank computes the same choice from the same images, so no
+    broadcast is needed."""
     from .data.coco import CocoInstanceDataset
     from .evaluation.calibrate import calibrate, pick_images
 
+    annotations = datamodule.annotation_file("val")
+    if not annotations.is_file():
+        print(f"no validation annotations at {annotations}: thresholds left as configured")
+        return False
     channels = int(dict(model.hparams).get("net", {}).get("in_channels", datamodule.channels))
-    dataset = CocoInstanceDataset(
-        datamodule.annotation_file("val"), image_root=datamodule.root / "images", channels=channels
-    )
+    dataset = CocoInstanceDataset(annotations, image_root=datamodule.root / "images", channels=channels)
     samples = [dataset[i] for i in pick_images(len(dataset), n_images)]
     if not samples:
-        return
+        return False
     update, report = calibrate(model, samples)
     model.hparams.update(update)  # saved with the checkpoint: load_module rebuilds the calibrated model
     trainer.save_checkpoint(out_dir / "checkpoints" / "calibrated.ckpt")
@@ -63,6 +68,7 @@ def calibrate_thresholds(model: L.LightningModule, datamodule, n_images: int, tr
             f"(dsb_score {report['previous_dsb_score']:.3f} -> {report['dsb_score']:.3f}); "
             f"weights with these thresholds: {out_dir / 'checkpoints' / 'calibrated.ckpt'}"
         )
+    return True
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -88,13 +94,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     use_best = cfg.get("test_weights", "best") == "best" and best
     if use_best:
         model.load_state_dict(torch.load(best, map_location=model.device, weights_only=False)["state_dict"])
+    calibrated = False
     if cfg.get("calibrate"):
-        calibrate_thresholds(model, datamodule, int(cfg.calibrate), trainer, out_dir)
+        calibrated = calibrate_thresholds(model, datamodule, int(cfg.calibrate), trainer, out_dir)
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in model.last_metrics.items()}
     if trainer.is_global_zero:
         weights = f"best checkpoint {best}" if use_best else "final weights"
-        weights += ", calibrated thresholds" if cfg.get("calibrate") else ""
+        weights += ", calibrated thresholds" if calibrated else ""
         title = f"{cfg.get('name', 'run')}: test split, {weights}"
         table = metrics_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
