@@ -179,3 +179,22 @@ def test_predict_instances_equals_torchvision_forward():
     assert len(pred["scores"]) == len(reference["scores"]) > 0
     assert torch.allclose(pred["boxes"], reference["boxes"])
     assert torch.equal(pred["masks"], (reference["masks"][:, 0] > 0.5).to(torch.uint8))
+
+
+def test_paste_label_image_equals_painted_masks():
+    from cellrcnn.data.masks import masks_to_label_image
+    from cellrcnn.models.maskrcnn import paste_label_image, paste_masks
+
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.rand(4, 1, 28, 28, generator=gen)
+    boxes = torch.tensor([[10.0, 12, 40, 30], [20, 15, 45, 35], [0, 0, 15, 9], [30, 20, 50, 40]])  # overlapping
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.7])
+    labels = paste_label_image(probs, boxes, scores, (48, 64), 0.5)
+    expected = masks_to_label_image(paste_masks(probs, boxes, (48, 64), 0.5).numpy(), scores.numpy())
+    assert np.array_equal(labels, expected)
+    # a stricter score threshold: the same image with the weaker labels removed
+    keep = scores >= 0.8
+    strict = masks_to_label_image(paste_masks(probs[keep], boxes[keep], (48, 64), 0.5).numpy(), scores[keep].numpy())
+    kept = np.concatenate([[False], keep.numpy()])
+    relabel = np.concatenate([[0], np.cumsum(keep.numpy()) * keep.numpy()])  # old label -> new label
+    assert np.array_equal(relabel[labels * kept[labels]], strict)

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.masks import masks_to_label_image
+from ..models.maskrcnn import paste_label_image
 from .matching import dsb_score
 
 SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -54,13 +55,13 @@ def grid_maskrcnn(
     try:
         for image, target in tqdm(samples, desc="calibration", leave=False):
             gt = _gt_labels(target)
-            detections = module.detect([image])[0]
+            det = module.detect([image])[0]
+            det_scores = det["scores"].float().cpu()
             for mask_t in masks:
-                pred = module.paste(detections, tuple(image.shape[-2:]), mask_t)
-                for score_t in scores:
-                    keep = (pred["scores"] >= score_t).numpy()
-                    labels = masks_to_label_image(pred["masks"].numpy()[keep], pred["scores"].numpy()[keep])
-                    totals[score_t, mask_t] += dsb_score(gt, labels)
+                labels = paste_label_image(det["mask_probs"], det["boxes"], det_scores, tuple(image.shape[-2:]), mask_t)
+                for score_t in scores:  # each pixel holds its best detection: mask out the weaker ones
+                    kept = np.concatenate([[False], det_scores.numpy() >= score_t])
+                    totals[score_t, mask_t] += dsb_score(gt, labels * kept[labels])
             n += 1
     finally:
         module.score_threshold, module.net.roi_heads.score_thresh = saved

@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet
@@ -234,19 +235,16 @@ def detect(model: MaskRCNN, images: Sequence[torch.Tensor]) -> list[dict[str, to
     return detections
 
 
-def paste_masks(
-    mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
-) -> torch.Tensor:
-    """Binary N×H×W uint8 masks from N×1×M×M box-relative probabilities, written only inside each
-    box. Identical to ``torchvision``'s ``paste_masks_in_image(...) > threshold`` (same one-pixel
-    padding, box expansion and bilinear resize), without its N full-frame float images."""
+def _box_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float):
+    """Yield ``(index, (y0, y1, x0, x1), crop)`` per detection: its binary mask inside its box
+    clipped to the frame, computed as torchvision's ``paste_masks_in_image`` would (one-pixel
+    padding, box expansion, bilinear resize) but without a full-frame image per detection."""
     from torch.nn import functional as F
     from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
-    height, width = size
-    out = torch.zeros((len(mask_probs), height, width), dtype=torch.uint8)
     if len(mask_probs) == 0:
-        return out
+        return
+    height, width = size
     padded, scale = expand_masks(mask_probs, padding=1)
     for i, (prob, box) in enumerate(zip(padded, expand_boxes(boxes, scale).to(torch.int64).tolist(), strict=True)):
         x0, y0, x1, y1 = box
@@ -255,6 +253,34 @@ def paste_masks(
         if cx1 <= cx0 or cy1 <= cy0:
             continue  # box entirely outside the image
         resized = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        crop = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-        out[i, cy0:cy1, cx0:cx1] = (crop > threshold).to(torch.uint8).cpu()
+        yield i, (cy0, cy1, cx0, cx1), resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold
+
+
+def paste_masks(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
+    """Binary N×H×W uint8 masks from N×1×M×M box-relative probabilities, written only inside each
+    box. Identical to ``torchvision``'s ``paste_masks_in_image(...) > threshold``, without its N
+    full-frame float images."""
+    out = torch.zeros((len(mask_probs), *size), dtype=torch.uint8)
+    for i, (y0, y1, x0, x1), crop in _box_masks(mask_probs, boxes, size, threshold):
+        out[i, y0:y1, x0:x1] = crop.to(torch.uint8).cpu()
     return out
+
+
+def paste_label_image(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+) -> np.ndarray:
+    """H×W int32 label image (detection ``i`` is label ``i + 1``) where overlaps go to the higher
+    score: ``masks_to_label_image(paste_masks(...), scores)`` without the N×H×W masks.
+
+    Every pixel holds its highest-scoring detection, so the label image of any stricter score
+    threshold ``t`` is this one with the labels scoring below ``t`` set to 0."""
+    labels = np.zeros(size, dtype=np.int32)
+    order = np.argsort(scores.cpu().numpy(), kind="stable")  # paint low to high: the best ends on top
+    masks = {i: (box, crop) for i, box, crop in _box_masks(mask_probs, boxes, size, threshold)}
+    for i in order:
+        if int(i) in masks:
+            (y0, y1, x0, x1), crop = masks[int(i)]
+            labels[y0:y1, x0:x1][crop.cpu().numpy()] = i + 1
+    return labels
