@@ -32,9 +32,9 @@ from ..data.masks import masks_to_label_image
 from ..models.maskrcnn import paste_label_image
 from .matching import dsb_score
 
-SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-MASK_GRID = (0.4, 0.5, 0.6)
-FG_GRID = (0.4, 0.5, 0.6)
+SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MASK_GRID = (0.4, 0.5, 0.6, 0.7)
+FG_GRID = (0.4, 0.5, 0.6, 0.7)
 H_GRID = (0.02, 0.05, 0.1, 0.2)
 
 
