@@ -154,3 +154,21 @@ def test_hydra_experiment_builds_the_unet():
     assert isinstance(module, UNetModule)
     assert module.net.in_channels == cfg.data.channels and module.net.encoders[0][0].out_channels == 16
     assert module.hparams["postprocess"]["seed_method"] == "hmaxima"
+
+
+def test_flip_tta_averages_the_flipped_outputs():
+    torch.manual_seed(0)
+    module = UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}).eval()
+    image = torch.rand(1, 24, 40)
+    probs, dist = module.predict_maps(image, tta=True)
+    expected_p, expected_d = 0.0, 0.0
+    with torch.no_grad():
+        for dims in ([], [-1], [-2], [-2, -1]):
+            out = module.net(torch.flip(image[None], dims))
+            expected_p = expected_p + torch.flip(out["logits"].softmax(1), dims)[0]
+            expected_d = expected_d + torch.flip(out["distance"].sigmoid(), dims)[0, 0]
+    assert np.allclose(probs, expected_p.numpy() / 4, atol=1e-6)
+    assert np.allclose(dist, expected_d.numpy() / 4, atol=1e-6)
+    plain, _ = module.predict_maps(image)
+    assert not np.allclose(plain, probs)  # a random net is not flip-invariant: the average differs
+    assert UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}, tta=True).hparams["tta"] is True

@@ -6,10 +6,11 @@
 A network's raw outputs are decided into objects by thresholds that training does not learn:
 for Mask R-CNN the detection ``score_threshold`` (false positives cost as much as misses in the
 DSB score) and the ``mask_threshold`` (how far a mask reaches); for the U-Net the foreground
-probability ``fg_threshold`` and the watershed seed depth ``h`` (split versus merge). Their best
+probability ``fg_threshold``, the watershed seed depth ``h`` (split versus merge) and whether to
+average over flips (``tta``). Their best
 values move with the length of training, so they are chosen after it: each image runs through the
-network once, every grid point is decided from the same outputs, and the point with the best mean
-DSB score wins. Use annotated images that are *not* the test split (e.g. part of the training set).
+network once (the U-Net also flip-averaged), every grid point is decided from the same outputs,
+and the point with the best mean DSB score wins. Use annotated images that are *not* the test split (e.g. part of the training set).
 
 Writes the checkpoint copy (``--out``, default ``<ckpt>.calibrated.ckpt``) whose hyper-parameters
 carry the chosen values, so ``predict.py``/``evaluate.py`` use them, and prints the grid.
@@ -69,21 +70,24 @@ def grid_maskrcnn(
 
 
 def grid_unet(
-    module, samples: Iterable[tuple[torch.Tensor, dict]], fg: Sequence[float] = FG_GRID,
+    module,
+    samples: Iterable[tuple[torch.Tensor, dict]],
+    tta: Sequence[bool] = (False, True),
+    fg: Sequence[float] = FG_GRID,
     h: Sequence[float] = H_GRID,
-) -> dict[tuple[float, float], float]:
-    """Mean DSB score per ``(fg_threshold, h)`` of a UNetModule's watershed post-processing."""
+) -> dict[tuple[bool, float, float], float]:
+    """Mean DSB score per ``(tta, fg_threshold, h)`` of a UNetModule's inference and watershed."""
     from ..models.postprocess import unet_outputs_to_labels
 
-    totals = dict.fromkeys(itertools.product(fg, h), 0.0)
+    totals = dict.fromkeys(itertools.product(tta, fg, h), 0.0)
     n = 0
     for image, target in tqdm(samples, desc="calibration", leave=False):
         gt = _gt_labels(target)
-        probs, dist = module.predict_maps(image)
-        for fg_t, h_t in totals:
+        maps = {flag: module.predict_maps(image, tta=flag) for flag in tta}
+        for tta_t, fg_t, h_t in totals:
             settings = {**module.postprocess, "fg_threshold": fg_t, "h": h_t, "seed_method": "hmaxima"}
-            labels, _ = unet_outputs_to_labels(probs, dist, **settings)
-            totals[fg_t, h_t] += dsb_score(gt, labels)
+            labels, _ = unet_outputs_to_labels(*maps[tta_t], **settings)
+            totals[tta_t, fg_t, h_t] += dsb_score(gt, labels)
         n += 1
     return {k: v / max(n, 1) for k, v in totals.items()}
 
@@ -101,9 +105,9 @@ def calibrate(module, samples: Sequence[tuple[torch.Tensor, dict]]) -> tuple[dic
         before = (module.score_threshold, module.mask_threshold)
         grid = grid_maskrcnn(module, samples, sorted({*SCORE_GRID, before[0]}), sorted({*MASK_GRID, before[1]}))
     elif isinstance(module, UNetModule):
-        names = ("fg_threshold", "h")
-        before = (module.postprocess.get("fg_threshold", 0.6), module.postprocess.get("h", 0.05))
-        grid = grid_unet(module, samples, sorted({*FG_GRID, before[0]}), sorted({*H_GRID, before[1]}))
+        names = ("tta", "fg_threshold", "h")
+        before = (module.tta, module.postprocess.get("fg_threshold", 0.6), module.postprocess.get("h", 0.05))
+        grid = grid_unet(module, samples, (False, True), sorted({*FG_GRID, before[1]}), sorted({*H_GRID, before[2]}))
     else:
         raise TypeError(f"no thresholds to calibrate for {type(module).__name__}")
     best = max(grid, key=grid.get)
@@ -113,8 +117,10 @@ def calibrate(module, samples: Sequence[tuple[torch.Tensor, dict]]) -> tuple[dic
         module.score_threshold = module.net.roi_heads.score_thresh = chosen["score_threshold"]
         module.mask_threshold = chosen["mask_threshold"]
     else:
+        module.tta = chosen.pop("tta")
         module.postprocess = {**module.postprocess, **chosen, "seed_method": "hmaxima"}
-        update = {"postprocess": module.postprocess}
+        update = {"postprocess": module.postprocess, "tta": module.tta}
+        chosen = {"tta": module.tta, **chosen}
     report = {
         "parameters": list(names), "n_images": len(samples), "chosen": chosen, "dsb_score": grid[best],
         "previous": dict(zip(names, before, strict=True)), "previous_dsb_score": grid.get(before),

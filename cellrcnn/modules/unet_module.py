@@ -112,6 +112,8 @@ class UNetModule(InstanceSegModule):
         dice_weight, distance_weight: weights of the Dice and distance losses.
         boundary_width: boundary band thickness of the training targets, pixels.
         postprocess: keyword arguments of :func:`unet_outputs_to_labels` (thresholds, sizes).
+        tta: average the outputs over the image and its three flips at inference (4× the network
+            time; the watershed runs once on the averaged maps).
         optim, log_images, iou_thresholds, coco_metrics: see :class:`InstanceSegModule`.
     """
 
@@ -123,6 +125,7 @@ class UNetModule(InstanceSegModule):
         distance_weight: float = 2.0,
         boundary_width: int = 1,
         postprocess: dict | None = None,
+        tta: bool = False,
         optim: dict | None = None,
         log_images: int = 4,
         iou_thresholds: Sequence[float] = (0.5, 0.7),
@@ -148,6 +151,7 @@ class UNetModule(InstanceSegModule):
         self.dice_weight, self.distance_weight = float(dice_weight), float(distance_weight)
         self.boundary_width = int(boundary_width)
         self.postprocess = postprocess
+        self.tta = bool(tta)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: B×C×H×W -> UNet outputs (``logits`` B×3×H×W, ``distance`` B×1×H×W raw)."""
@@ -163,14 +167,24 @@ class UNetModule(InstanceSegModule):
         )
 
     @torch.no_grad()
-    def predict_maps(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """One C×H×W image -> class probabilities (3×H×W) and the distance map (H×W), numpy."""
+    def predict_maps(self, image: torch.Tensor, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One C×H×W image -> class probabilities (3×H×W) and the distance map (H×W), numpy;
+        averaged over flips when ``tta`` (default: the module's setting)."""
         was_training = self.training
         self.eval()
         try:
-            x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
-            out = self.net(x.unsqueeze(0))
-            return out["logits"][0].softmax(dim=0).cpu().numpy(), out["distance"][0, 0].sigmoid().cpu().numpy()
+            x = match_channels(image.to(self.device, torch.float32), self.net.in_channels).unsqueeze(0)
+            flips = [(), (-1,), (-2,), (-2, -1)] if (self.tta if tta is None else tta) else [()]
+            probs, dist = 0.0, 0.0
+            for dims in flips:  # a flip is its own inverse: flip the input, run, flip the outputs back
+
+                def flip(t: torch.Tensor, dims: tuple = dims) -> torch.Tensor:
+                    return t.flip(dims) if dims else t
+
+                out = self.net(flip(x))
+                probs = probs + flip(out["logits"].softmax(dim=1))
+                dist = dist + flip(out["distance"].sigmoid())
+            return (probs[0] / len(flips)).cpu().numpy(), (dist[0, 0] / len(flips)).cpu().numpy()
         finally:
             self.train(was_training)
 
