@@ -86,6 +86,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not getattr(trainer, "fast_dev_run", False):
+        # the weights at the end of training: ModelCheckpoint(save_last=True) refreshes last.ckpt
+        # only when it saves a new best, so without this the final (annealed) weights are lost
+        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     if not cfg.get("test") or trainer.interrupted or getattr(trainer, "fast_dev_run", False):
         return {}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from cellrcnn.modules.base import load_module
 from cellrcnn.train import compose_config, run
@@ -56,6 +57,16 @@ def test_resume_continues_global_step(tmp_path, monkeypatch):
     )
     run(second)
     assert (counter.first_step, counter.batches) == (2, 1)  # continued at step 2, ran only step 3
+
+
+def test_final_weights_saved_without_a_new_best(tmp_path):
+    """last.ckpt holds the weights at the end of training even when no validation ran (so
+    ModelCheckpoint saved nothing): a wall-time-budget run is scored on exactly these."""
+    cfg = compose_config(
+        "train", tiny_overrides(tmp_path, "trainer.max_steps=3", "trainer.limit_val_batches=0", "test=false"), tmp_path
+    )
+    run(cfg)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def test_train_then_test_writes_metrics(tmp_path):
