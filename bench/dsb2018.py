@@ -180,14 +180,13 @@ def checkpoint_of(run_dir: Path) -> Path:
 def calibrate_run(model: str, ckpt: Path, root: Path, n_images: int) -> tuple[Path, dict]:
     """Choose the run's thresholds on ``n_images`` full training images (never the held-out split)
     with ``cellrcnn.evaluation.calibrate``; returns the calibrated checkpoint and the grid report."""
-    from cellrcnn.data.coco import CocoInstanceDataset
-    from cellrcnn.evaluation.calibrate import calibrate, pick_images, write_calibrated
+    from cellrcnn.evaluate import input_channels
+    from cellrcnn.evaluation.calibrate import calibrate, load_samples, write_calibrated
     from cellrcnn.modules.base import load_module
 
     module = load_module(ckpt)
-    channels = int(dict(module.hparams).get("net", {}).get("in_channels", 3))
-    dataset = CocoInstanceDataset(root / "annotations" / f"{SPLITS[0]}.json", image_root=root / "images", channels=channels)
-    samples = [dataset[i] for i in pick_images(len(dataset), n_images)]
+    annotations = root / "annotations" / f"{SPLITS[0]}.json"
+    samples = load_samples(annotations, root / "images", input_channels(module), n_images)
     start = time.perf_counter()
     update, report = calibrate(module, samples)
     report["seconds"] = time.perf_counter() - start
@@ -202,6 +201,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
     import torch
 
     from cellrcnn.data.coco import CocoInstanceDataset
+    from cellrcnn.evaluate import input_channels
     from cellrcnn.modules.base import load_module
 
     torch.set_num_threads(threads)
@@ -213,8 +213,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
         if calibration_images > 0:
             ckpt, calibration = calibrate_run(model, ckpt, root, calibration_images)
         module = load_module(ckpt)
-        channels = int(dict(module.hparams).get("net", {}).get("in_channels", 3))
-        dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=channels)
+        dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=input_channels(module))
         dataset.images = dataset.images[:limit] if limit else dataset.images
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model)

@@ -111,7 +111,6 @@ def build_runners(names: list[str], args: argparse.Namespace) -> list[Runner]:
             else:
                 module = compose_model("maskrcnn_cell")
                 module.score_threshold = 0.0  # saturated: the mask head sees every kept detection
-                module.net.roi_heads.score_thresh = 0.0
             cap = int(module.net.roi_heads.detections_per_img)
             if cap < 1000:
                 raise SystemExit(f"cell preset returns at most {cap} detections per image; the target is >= 1000")

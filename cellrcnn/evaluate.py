@@ -48,8 +48,6 @@ def set_score_threshold(model: torch.nn.Module, threshold: float | None) -> None
     if not hasattr(model, "score_threshold"):
         raise ValueError(f"{type(model).__name__} has no score threshold to override")
     model.score_threshold = float(threshold)
-    if hasattr(model, "net") and hasattr(model.net, "roi_heads"):
-        model.net.roi_heads.score_thresh = float(threshold)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

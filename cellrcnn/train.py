@@ -46,16 +46,14 @@ def calibrate_thresholds(
     then save ``checkpoints/calibrated.ckpt`` and ``calibration.json``; False when there are no
     validation images. Every DDP rank computes the same choice from the same images, so no
     broadcast is needed."""
-    from .data.coco import CocoInstanceDataset
-    from .evaluation.calibrate import calibrate, pick_images
+    from .evaluate import input_channels
+    from .evaluation.calibrate import calibrate, load_samples
 
     annotations = datamodule.annotation_file("val")
     if not annotations.is_file():
         print(f"no validation annotations at {annotations}: thresholds left as configured")
         return False
-    channels = int(dict(model.hparams).get("net", {}).get("in_channels", datamodule.channels))
-    dataset = CocoInstanceDataset(annotations, image_root=datamodule.root / "images", channels=channels)
-    samples = [dataset[i] for i in pick_images(len(dataset), n_images)]
+    samples = load_samples(annotations, datamodule.root / "images", input_channels(model), n_images)
     if not samples:
         return False
     update, report = calibrate(model, samples)

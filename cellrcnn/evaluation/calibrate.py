@@ -49,8 +49,8 @@ def grid_maskrcnn(
     masks: Sequence[float] = MASK_GRID,
 ) -> dict[tuple[float, float], float]:
     """Mean DSB score per ``(score_threshold, mask_threshold)`` of a MaskRCNNModule."""
-    saved = module.score_threshold, module.net.roi_heads.score_thresh
-    module.score_threshold = module.net.roi_heads.score_thresh = min(scores)  # one pass decides every point
+    saved = module.score_threshold
+    module.score_threshold = min(scores)  # one pass decides every point
     totals = dict.fromkeys(itertools.product(scores, masks), 0.0)
     n = 0
     try:
@@ -65,7 +65,7 @@ def grid_maskrcnn(
                     totals[score_t, mask_t] += dsb_score(gt, labels * kept[labels])
             n += 1
     finally:
-        module.score_threshold, module.net.roi_heads.score_thresh = saved
+        module.score_threshold = saved
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
@@ -114,7 +114,7 @@ def calibrate(module, samples: Sequence[tuple[torch.Tensor, dict]]) -> tuple[dic
     chosen = dict(zip(names, best, strict=True))
     if isinstance(module, MaskRCNNModule):
         update = dict(chosen)
-        module.score_threshold = module.net.roi_heads.score_thresh = chosen["score_threshold"]
+        module.score_threshold = chosen["score_threshold"]
         module.mask_threshold = chosen["mask_threshold"]
     else:
         module.tta = chosen.pop("tta")
@@ -146,8 +146,16 @@ def pick_images(n_total: int, limit: int | None) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n_total - 1, limit)})
 
 
-def main(argv: list[str] | None = None) -> None:
+def load_samples(annotations: Path, image_root: Path, channels: int, limit: int | None) -> list[tuple[torch.Tensor, dict]]:
+    """Up to ``limit`` (image, target) pairs spread over a COCO file, full size, as the model sees them."""
     from ..data.coco import CocoInstanceDataset
+
+    dataset = CocoInstanceDataset(annotations, image_root=image_root, channels=channels)
+    return [dataset[i] for i in tqdm(pick_images(len(dataset), limit), desc="loading", leave=False)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..evaluate import input_channels
     from ..modules.base import load_module
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,13 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="calibrated checkpoint (default <ckpt>.calibrated.ckpt)")
     args = p.parse_args(argv)
     module = load_module(args.ckpt)
-    channels = int(dict(module.hparams).get("net", {}).get("in_channels", 3))
     image_root = args.images or args.annotations.resolve().parent.parent / "images"
-    dataset = CocoInstanceDataset(args.annotations, image_root=image_root, channels=channels)
-    if len(dataset) == 0:
+    samples = load_samples(args.annotations, image_root, input_channels(module), args.limit)
+    if not samples:
         raise SystemExit(f"{args.annotations}: no images to calibrate on")
-    indices = pick_images(len(dataset), args.limit)
-    samples = [dataset[i] for i in tqdm(indices, desc="loading", leave=False)]
     update, report = calibrate(module, samples)
     out = args.out or args.ckpt.with_suffix(".calibrated.ckpt")
     write_calibrated(args.ckpt, update, report, out)

@@ -42,10 +42,17 @@ class MaskRCNNModule(InstanceSegModule):
         self.net = build_maskrcnn(**(net or {}))
         self.in_channels = int((net or {}).get("in_channels", 3))
         self.score_threshold = score_threshold
-        # the mask head and mask pasting then run only on detections that are kept (COCO AP is
-        # computed from these too, so it ignores detections below the threshold)
-        self.net.roi_heads.score_thresh = score_threshold
         self.mask_threshold = mask_threshold
+
+    @property
+    def score_threshold(self) -> float:
+        """Detections scoring above this are kept. It lives in the RoI heads, so the mask head and
+        mask pasting run only on kept detections (COCO AP is computed from these too)."""
+        return float(self.net.roi_heads.score_thresh)
+
+    @score_threshold.setter
+    def score_threshold(self, value: float) -> None:
+        self.net.roi_heads.score_thresh = float(value)
 
     # ---------------------------------------------------------------- training
     def _run(self, images: list[torch.Tensor], targets: list[dict], with_masks: bool) -> dict[str, torch.Tensor]:
@@ -94,19 +101,14 @@ class MaskRCNNModule(InstanceSegModule):
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
     def detect(self, images: list[torch.Tensor]) -> list[dict]:
-        """Detections of :func:`cellrcnn.models.maskrcnn.detect` with score >= ``score_threshold``
+        """Detections of :func:`cellrcnn.models.maskrcnn.detect` scoring above ``score_threshold``
         (``boxes``, ``scores``, ``labels``, unpasted ``mask_probs``), in decreasing score order."""
         was_training = self.net.training
         self.net.eval()
         try:
-            outputs = detect(self.net, [im.to(self.device, torch.float32) for im in images])
+            return detect(self.net, [im.to(self.device, torch.float32) for im in images])
         finally:
             self.net.train(was_training)
-        for out in outputs:
-            keep = out["scores"] >= self.score_threshold
-            for key, value in out.items():
-                out[key] = None if value is None else value[keep]
-        return outputs
 
     def paste(self, detections: dict, size: tuple[int, int], mask_threshold: float | None = None) -> dict:
         """One image's detections as an instance dict: ``masks`` uint8 N×H×W (probabilities above
@@ -127,5 +129,5 @@ class MaskRCNNModule(InstanceSegModule):
     @torch.no_grad()
     def predict_instances(self, images: list[torch.Tensor]) -> list[dict]:
         """Per image: ``masks`` uint8 N×H×W, ``boxes`` float32 N×4, ``scores`` N, ``labels`` N (CPU),
-        detections with score >= ``score_threshold`` in decreasing score order."""
+        detections scoring above ``score_threshold`` in decreasing score order."""
         return [self.paste(det, tuple(im.shape[-2:])) for det, im in zip(self.detect(images), images, strict=True)]

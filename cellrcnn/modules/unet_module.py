@@ -174,16 +174,12 @@ class UNetModule(InstanceSegModule):
         self.eval()
         try:
             x = match_channels(image.to(self.device, torch.float32), self.net.in_channels).unsqueeze(0)
-            flips = [(), (-1,), (-2,), (-2, -1)] if (self.tta if tta is None else tta) else [()]
+            flips = [[], [-1], [-2], [-2, -1]] if (self.tta if tta is None else tta) else [[]]
             probs, dist = 0.0, 0.0
             for dims in flips:  # a flip is its own inverse: flip the input, run, flip the outputs back
-
-                def flip(t: torch.Tensor, dims: tuple = dims) -> torch.Tensor:
-                    return t.flip(dims) if dims else t
-
-                out = self.net(flip(x))
-                probs = probs + flip(out["logits"].softmax(dim=1))
-                dist = dist + flip(out["distance"].sigmoid())
+                out = self.net(torch.flip(x, dims))
+                probs = probs + torch.flip(out["logits"].softmax(dim=1), dims)
+                dist = dist + torch.flip(out["distance"].sigmoid(), dims)
             return (probs[0] / len(flips)).cpu().numpy(), (dist[0, 0] / len(flips)).cpu().numpy()
         finally:
             self.train(was_training)
