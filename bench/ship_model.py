@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from cellrcnn.inference.scale import annotation_diameter
+
 REPO = Path(__file__).resolve().parents[1]
 CARD_METRICS = ("dsb_score", "segm_AP", "segm_AP50", "f1@0.5", "f1@0.7", "precision@0.5", "recall@0.5",
                 "pq@0.5", "dice", "infer_s_per_image")
@@ -42,25 +44,26 @@ class Int8Weight:
         return (torch.mul, (self.values, self.scale))
 
 
-def strip_checkpoint(src: Path, dtype: torch.dtype, int8_keys: frozenset[str] = frozenset()) -> dict:
+def strip_checkpoint(src: Path, dtype: torch.dtype, int8_keys: frozenset[str] = frozenset(),
+                     hparams: dict | None = None) -> dict:
     """A Lightning checkpoint reduced to ``state_dict`` (floating tensors cast to ``dtype``),
-    ``hyper_parameters`` and ``cellrcnn_module``."""
+    ``hyper_parameters`` (updated with ``hparams``) and ``cellrcnn_module``."""
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     if "cellrcnn_module" not in ckpt:
         raise SystemExit(f"{src}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")
     state = {k: Int8Weight(v) if k in int8_keys else (v.to(dtype) if v.is_floating_point() else v).clone()
              for k, v in ckpt["state_dict"].items()}
-    return {"state_dict": state, "hyper_parameters": ckpt.get("hyper_parameters", {}),
+    return {"state_dict": state, "hyper_parameters": {**ckpt.get("hyper_parameters", {}), **(hparams or {})},
             "cellrcnn_module": ckpt["cellrcnn_module"], "global_step": ckpt.get("global_step"),
             "epoch": ckpt.get("epoch"), "pytorch-lightning_version": ckpt.get("pytorch-lightning_version")}
 
 
-def save_stripped(src: Path, dst: Path, max_mb: float) -> str:
+def save_stripped(src: Path, dst: Path, max_mb: float, hparams: dict | None = None) -> str:
     """Write the most faithful copy that fits ``max_mb``: float32, else float16, else float16 with
     the largest conv/linear weights in int8 (per-channel scales). Returns a description."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     for dtype in (torch.float32, torch.float16):
-        torch.save(strip_checkpoint(src, dtype), dst)
+        torch.save(strip_checkpoint(src, dtype, hparams=hparams), dst)
         if dst.stat().st_size <= max_mb * 1e6:
             return str(dtype).removeprefix("torch.")
     state = torch.load(src, map_location="cpu", weights_only=False)["state_dict"]
@@ -73,7 +76,7 @@ def save_stripped(src: Path, dst: Path, max_mb: float) -> str:
             break
         chosen.append(k)
         saved += state[k].numel()
-    torch.save(strip_checkpoint(src, torch.float16, frozenset(chosen)), dst)
+    torch.save(strip_checkpoint(src, torch.float16, frozenset(chosen), hparams), dst)
     if dst.stat().st_size > max_mb * 1e6:
         raise SystemExit(f"{dst}: {dst.stat().st_size / 1e6:.1f} MB, above {max_mb} MB")
     return f"float16, with {len(chosen)} largest weight tensors in int8 (per-output-channel scales): " + ", ".join(chosen)
@@ -85,12 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="maskrcnn or unet (default: the higher dsb_score)")
     p.add_argument("--dst", type=Path, default=REPO / "cellrcnn" / "weights" / "nuclei.ckpt")
     p.add_argument("--max-mb", type=float, default=25.0)
+    p.add_argument("--train-annotations", type=Path,
+                   default=REPO / "datasets" / "coco" / "bbbc038" / "annotations" / "dsb_train90.json",
+                   help="the model's training annotations (object size, for checkpoints that lack it)")
     args = p.parse_args(argv)
     bench = json.loads(args.results.read_text())
     trained = {k: v for k, v in bench["results"].items() if "checkpoint" in v}
     name = args.model or max(trained, key=lambda k: trained[k]["dsb_score"])
     metrics = trained[name]
-    dtype = save_stripped(Path(metrics["checkpoint"]), args.dst, args.max_mb)
+    src = Path(metrics["checkpoint"])
+    hparams = torch.load(src, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    # the training objects' size, for predict.py diameter=... (train.py records it in new runs)
+    update = {} if hparams.get("object_diameter") else {"object_diameter": annotation_diameter(args.train_annotations)}
+    dtype = save_stripped(src, args.dst, args.max_mb, update)
 
     from cellrcnn.modules.base import load_module
 
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "file": args.dst.name, "size_MB": round(args.dst.stat().st_size / 1e6, 2), "stored_dtype": dtype,
         "module": type(model).__name__, "parameters": n_params,
         "input_channels": int(dict(model.hparams).get("net", {}).get("in_channels", 3)),
+        "object_diameter_px": round(model.object_diameter, 1),
         "trained_on": f"BBBC038 / DSB2018 stage1_train (community-fixed masks), {meta['n_train']} images "
                       f"(90 % by sha256('{meta['split_salt']}:'+ImageId)), from scratch",
         "training_command": "python " + training.get("command", "train.py experiment=bbbc038_" + name).replace(f"{REPO}/", ""),
@@ -130,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
   ({card['training_budget_min']:g} min wall-clock budget on a CPU, {card['global_step']} optimiser steps),
   run by `{card['benchmark_command']}`.
 - Decision thresholds: {card['decision_thresholds'] or 'as configured'}{thresholds_note}.
+- Object size: the training nuclei have a median diameter of {card['object_diameter_px']} px. For images whose
+  nuclei are much larger or smaller, add `diameter=auto` (measured per image) or `diameter=<px>` to `predict.py`.
 - File: {card['size_MB']} MB, weights stored as {dtype} (optimiser state removed; loaded as float32).
 
 Held-out 10 % of the DSB2018 stage-1 training set ({card['heldout_images']} full-size images):

@@ -57,6 +57,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .data.coco import CocoInstanceDataset
     from .data.masks import masks_to_label_image
     from .evaluation.evaluator import Evaluator
+    from .inference import predict_image
+    from .inference.scale import check_diameter, predict_at_diameter
+    from .models.postprocess import labels_to_instances
     from .modules.base import load_module
     from .viz import overlay_tp_fp_fn, save_png
 
@@ -71,10 +74,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     annotations = datamodule.annotation_file(cfg.split)
     dataset = CocoInstanceDataset(annotations, image_root=datamodule.root / "images", channels=input_channels(model))
 
+    diameter = cfg.get("diameter")
+    check_diameter(diameter, model.object_diameter, str(cfg.ckpt_path))
+
+    def predict_native(raw):  # the whole image at once, as predict_instances on the dataset's image
+        return predict_image(raw, model.predict_instances, input_channels(model), max(raw.shape[:2]), 0, progress=False)
+
     evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))))
     for i in range(len(dataset)):
         image, target = dataset[i]
-        pred = model.predict_instances([image])[0]
+        if diameter is None:
+            pred = model.predict_instances([image])[0]
+        else:
+            labels, scores, _ = predict_at_diameter(dataset.load_raw(i), predict_native, diameter, model.object_diameter)
+            pred = labels_to_instances(labels, scores)
         evaluator.update(target, pred)
         if i < int(cfg.get("overlays", 0)):
             gt = masks_to_label_image(target["masks"].numpy())
@@ -84,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = evaluator.compute()
     title = f"{Path(cfg.ckpt_path).name} on {annotations}"
     table = metrics_table(metrics, title)
-    result = {"checkpoint": str(cfg.ckpt_path), "annotations": str(annotations), "metrics": metrics}
+    result = {"checkpoint": str(cfg.ckpt_path), "annotations": str(annotations), "diameter": diameter, "metrics": metrics}
     (out_dir / "metrics.json").write_text(json.dumps({**result, "per_image": evaluator.per_image}, indent=1, default=float))
     (out_dir / "metrics.md").write_text(table + "\n")
     print(table)

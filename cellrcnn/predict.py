@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
     from .evaluate import input_channels, set_score_threshold
     from .inference import coco_results, measure, predict_image, write_coco_results, write_exports
+    from .inference.scale import check_diameter, predict_at_diameter
     from .modules.base import load_module
 
     if cfg.get("threads"):
@@ -81,8 +82,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
     model = load_module(ckpt_path)
     set_score_threshold(model, cfg.get("score_threshold"))
+    check_diameter(cfg.get("diameter"), model.object_diameter, str(ckpt_path))
     channels = input_channels(model)
     images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
+
+    def predict_native(raw):
+        # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
+        # with whole-image percentiles (cellrcnn.inference.tiling)
+        return predict_image(
+            raw, model.predict_instances, channels, int(cfg.tile_size), int(cfg.tile_overlap), progress=True
+        )
 
     summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "images": [], "skipped": []}
     results, tables, stems, shapes = [], [], set(), {}
@@ -95,11 +104,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary["skipped"].append({"file": str(path), "error": str(exc)})
             print(f"skipped {exc}")
             continue
-        # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
-        # with whole-image percentiles (cellrcnn.inference.tiling)
-        labels, scores = predict_image(
-            raw, model.predict_instances, channels, int(cfg.tile_size), int(cfg.tile_overlap), progress=True
-        )
+        labels, scores, scaling = predict_at_diameter(raw, predict_native, cfg.get("diameter"), model.object_diameter)
+        if scaling["factor"] != 1.0:
+            print(f"{path.name}: predicted at {scaling['factor']:g}x size (objects resized to the model's "
+                  f"{model.object_diameter:.1f} px)")
         stem = path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}"
         stems.add(stem)
         image_id = len(summary["images"]) + 1
@@ -113,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         shapes[path.name] = labels.shape
         n = len(objects)
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
-                                  "width": int(labels.shape[1]), "n_objects": n})
+                                  "width": int(labels.shape[1]), "n_objects": n, **scaling})
         print(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
     write_coco_results(out / "coco_results.json", results)
     if cfg.get("measure"):

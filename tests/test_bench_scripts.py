@@ -113,3 +113,20 @@ def test_shipped_model_loads_and_finds_synthetic_nuclei():
     # trained on DSB2018 only, it still finds most procedural nuclei (an untrained net scores ~0)
     assert metrics["f1@0.5"] > 0.5, metrics
     assert np.isfinite(metrics["dsb_score"])
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")
+def test_scale_robustness_smoke(tmp_path):
+    """The shipped model records its training object size, and the benchmark scores every factor
+    at the native size and with diameter=auto."""
+    from cellrcnn.data.synthetic import generate_dataset
+    from cellrcnn.modules.base import load_module
+
+    assert 8 < load_module(WEIGHTS).object_diameter < 40  # DSB2018 nuclei: a median of about 17 px
+    root = generate_dataset(tmp_path / "syn", n_train=1, n_val=1, n_test=2, size=96, seed=3)
+    _load_script("scale_robustness").main(["--root", str(root), "--split", "test", "--factors", "0.5,1",
+                                           "--threads", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "scale_robustness.json").read_text())["rows"]
+    assert {(r["factor"], r["mode"]) for r in rows} == {(0.5, "native"), (0.5, "auto"), (1.0, "native"), (1.0, "auto")}
+    assert all(0.0 <= r["dsb_score"] <= 1.0 for r in rows)
+    assert "| 0.5× | auto |" in (tmp_path / "scale_robustness.md").read_text()

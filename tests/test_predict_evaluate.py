@@ -106,6 +106,37 @@ def test_predict_image_without_cells_writes_empty_labels(trained, tmp_path):
     assert json.loads((tmp_path / "o" / "coco_results.json").read_text()) == []
 
 
+def test_predict_and_evaluate_at_a_given_diameter(trained, tmp_path):
+    """The checkpoint records the training objects' median diameter; diameter=2x that halves the
+    image for the model, and the labels come back at the image's own size."""
+    import torch
+
+    from cellrcnn.inference.scale import annotation_diameter
+
+    ckpt, root = trained
+    saved = torch.load(ckpt, weights_only=False)
+    model_diameter = saved["hyper_parameters"]["object_diameter"]
+    assert model_diameter == pytest.approx(annotation_diameter(root / "annotations" / "train.json"))
+    image = sorted((root / "images").iterdir())[0]
+    cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={image}", f"output={tmp_path / 'o'}",
+                                     f"diameter={2 * model_diameter}", "overlays=false"], tmp_path)
+    summary = predict_run(cfg)
+    assert summary["images"][0]["factor"] == pytest.approx(0.5)
+    assert read_label_image(tmp_path / "o" / f"{image.stem}.tif").shape == Image.open(image).size[::-1]
+
+    (tmp_path / "e").mkdir()
+    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", f"data.root={root}", *DATA, "overlays=0",
+                                      "diameter=auto"], tmp_path / "e")
+    assert evaluate_run(cfg)["n_images"] == 2
+
+    del saved["hyper_parameters"]["object_diameter"]  # as in checkpoints older than the option
+    torch.save(saved, tmp_path / "old.ckpt")
+    cfg = compose_config("predict", [f"ckpt_path={tmp_path / 'old.ckpt'}", f"input={image}",
+                                     f"output={tmp_path / 'o2'}", "diameter=auto"], tmp_path)
+    with pytest.raises(ValueError, match="old.ckpt.*object_diameter"):
+        predict_run(cfg)
+
+
 def test_predict_single_non_image_names_the_file(trained, tmp_path):
     ckpt, _ = trained
     bad = tmp_path / "table.csv"

@@ -82,6 +82,8 @@ class InstanceSegModule(L.LightningModule):
         log_images: validation images drawn into the TensorBoard overlay grid each epoch.
         iou_thresholds: Evaluator matching thresholds.
         coco_metrics: compute COCO AP during validation (pycocotools; slower on big sets).
+        object_diameter (a subclass argument, stored with its hyper-parameters): median diameter
+            of the training objects in pixels; set from the training annotations when fitting starts.
     """
 
     def __init__(
@@ -166,6 +168,20 @@ class InstanceSegModule(L.LightningModule):
         return fraction, True
 
     # ---------------------------------------------------------------- validation / test
+    @property
+    def object_diameter(self) -> float | None:
+        """Median diameter in pixels of the training objects (``predict.py diameter=...`` resizes
+        images relative to it); recorded when training starts, None in older checkpoints."""
+        value = self.hparams.get("object_diameter")
+        return float(value) if value else None
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.object_diameter is None and getattr(datamodule, "splits", {}).get("train"):
+            from ..inference.scale import annotation_diameter
+
+            self.hparams["object_diameter"] = annotation_diameter(datamodule.annotation_file("train"))
+
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
         self._shown = []

@@ -19,7 +19,8 @@ class MaskRCNNModule(InstanceSegModule):
         optim: optimiser/schedule settings (see ``cellrcnn.modules.base.OPTIM_DEFAULTS``).
         score_threshold: detections scoring below this are dropped by ``predict_instances``.
         mask_threshold: mask probabilities above this are foreground.
-        log_images, iou_thresholds, coco_metrics: see :class:`InstanceSegModule`.
+        log_images, iou_thresholds, coco_metrics,
+            object_diameter: see :class:`InstanceSegModule`.
 
     Box-only annotations (``has_mask`` False, e.g. BBBC041) train the RPN and box head but never
     the mask head: torchvision's mask loss has no per-object switch, so an image whose objects are
@@ -36,6 +37,7 @@ class MaskRCNNModule(InstanceSegModule):
         log_images: int = 4,
         iou_thresholds: tuple[float, ...] = (0.5, 0.7),
         coco_metrics: bool = True,
+        object_diameter: float | None = None,
     ) -> None:
         super().__init__(optim=optim, log_images=log_images, iou_thresholds=iou_thresholds, coco_metrics=coco_metrics)
         self.save_hyperparameters()

@@ -114,7 +114,8 @@ class UNetModule(InstanceSegModule):
         postprocess: keyword arguments of :func:`unet_outputs_to_labels` (thresholds, sizes).
         tta: average the outputs over the image and its three flips at inference (4× the network
             time; the watershed runs once on the averaged maps).
-        optim, log_images, iou_thresholds, coco_metrics: see :class:`InstanceSegModule`.
+        optim, log_images, iou_thresholds, coco_metrics,
+            object_diameter: see :class:`InstanceSegModule`.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class UNetModule(InstanceSegModule):
         log_images: int = 4,
         iou_thresholds: Sequence[float] = (0.5, 0.7),
         coco_metrics: bool = True,
+        object_diameter: float | None = None,
     ) -> None:
         super().__init__(
             optim=optim,

@@ -1,0 +1,155 @@
+"""Predicting at the object size a model was trained on (``predict.py diameter=...``).
+
+A trained model knows the object sizes of its training set (scale jitter widens them by a
+few tens of percent). A different objective, camera or binning makes nuclei two or four times
+larger or smaller, and then a model splits big nuclei into fragments or misses small ones. The
+field's answer is Cellpose's ``diameter`` and StarDist's ``scale``: resize the image so that
+its objects have the training size, predict, and resize the labels back.
+
+- ``diameter=<pixels>``: the typical object diameter in the user's images. The image is
+  resized by ``model_diameter / diameter``.
+- ``diameter=auto``: a first pass at the native size measures the median object diameter. A
+  second pass at the corrected size runs only when that median differs from the model's by
+  more than :data:`TOLERANCE` (the range the training scale jitter already covers), and only
+  when the first pass found at least :data:`MIN_OBJECTS` objects to measure.
+
+``model_diameter`` is the median equivalent diameter of the training objects, recorded in the
+checkpoint by ``train.py`` (hyper-parameter ``object_diameter``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TOLERANCE = 1.3  # sizes within this ratio of the training median need no resizing
+MIN_OBJECTS = 5  # fewer objects measure no reliable median size
+FACTOR_LIMITS = (0.25, 4.0)  # beyond these the image loses its objects or grows 16-fold
+
+LabelFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # raw image -> (labels, scores)
+
+
+def equivalent_diameter(area) -> np.ndarray:
+    """Diameter of the disk with the same area."""
+    return np.sqrt(4.0 * np.asarray(area, dtype=np.float64) / math.pi)
+
+
+def object_diameters(labels: np.ndarray) -> np.ndarray:
+    """Equivalent diameter in pixels of every object of a label image."""
+    areas = np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
+    return equivalent_diameter(areas[areas > 0])
+
+
+def annotation_diameter(annotation_file: str | Path) -> float | None:
+    """Median object diameter (pixels) of a COCO instance file; None when it has no objects.
+
+    Masked objects count by their area; box-only ones (no ``segmentation``) by sqrt(w·h), the
+    diameter of a disk filling the box.
+    """
+    from cellrcnn.data.coco import load_coco_json
+
+    sizes = []
+    for ann in load_coco_json(annotation_file)["annotations"]:
+        if ann.get("iscrowd"):
+            continue
+        if ann.get("segmentation") and ann.get("area"):
+            sizes.append(float(equivalent_diameter(ann["area"])))
+        elif ann.get("bbox"):
+            sizes.append(math.sqrt(max(float(ann["bbox"][2]) * float(ann["bbox"][3]), 0.0)))
+    return float(np.median(sizes)) if sizes else None
+
+
+def resize_image(raw: np.ndarray, factor: float) -> np.ndarray:
+    """H×W or H×W×C image resized by ``factor`` (bilinear, anti-aliased when shrinking), same dtype."""
+    raw = np.asarray(raw)
+    if raw.dtype == bool:
+        raw = raw.view(np.uint8)
+    h, w = raw.shape[:2]
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    chw = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+    chw = chw[None] if raw.ndim == 2 else chw.permute(2, 0, 1)
+    out = F.interpolate(chw[None], size=size, mode="bilinear", align_corners=False, antialias=factor < 1)[0]
+    out = out[0] if raw.ndim == 2 else out.permute(1, 2, 0)
+    out = out.numpy()
+    if raw.dtype.kind in "ui":
+        info = np.iinfo(raw.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return np.ascontiguousarray(out.astype(raw.dtype))
+
+
+def resize_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour resize of a label image to ``shape``; objects lost on the way (smaller
+    than a pixel of the target grid) are dropped, the rest renumbered 1..N with their scores."""
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    resized = labels[rows[:, None], cols[None, :]]
+    present = np.zeros(len(scores) + 1, bool)
+    present[np.unique(resized)] = True
+    present[0] = False
+    lut = np.zeros(len(scores) + 1, labels.dtype)
+    lut[present] = np.arange(1, int(present.sum()) + 1)
+    return lut[resized], np.asarray(scores, np.float32)[present[1:]]
+
+
+def scale_factor(object_diameter: float, model_diameter: float) -> float:
+    """Resize factor that brings ``object_diameter`` to ``model_diameter``, within FACTOR_LIMITS."""
+    if not object_diameter > 0 or not model_diameter > 0:
+        raise ValueError(f"diameters must be positive, got {object_diameter} and {model_diameter}")
+    return float(np.clip(model_diameter / object_diameter, *FACTOR_LIMITS))
+
+
+def check_diameter(diameter: float | str | None, model_diameter: float | None, checkpoint: str = "") -> None:
+    """Raise a ValueError saying what to do when ``diameter`` cannot be used with this model."""
+    if diameter is None:
+        return
+    if diameter != "auto" and not (isinstance(diameter, (int, float)) and diameter > 0):
+        raise ValueError(f"diameter must be a positive number of pixels, auto or null, got {diameter!r}")
+    if not model_diameter:
+        raise ValueError(
+            f"{checkpoint or 'this checkpoint'}: it does not record the object size it was trained on "
+            "(hyper-parameter object_diameter, written by train.py), so diameter=... cannot be used "
+            "with it; predict without diameter, or retrain it"
+        )
+
+
+def predict_at_diameter(
+    raw: np.ndarray, label_fn: LabelFn, diameter: float | str | None, model_diameter: float | None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Labels and scores of ``raw`` predicted at the model's object size.
+
+    Args:
+        raw: H×W(×C) image as read from disk.
+        label_fn: the native predictor, ``raw -> (labels H×W, scores N)``.
+        diameter: None (native size), the objects' typical diameter in pixels, or ``"auto"``.
+        model_diameter: the training objects' median diameter (the checkpoint's ``object_diameter``).
+
+    Returns:
+        ``labels`` (the image's own size), ``scores`` and ``info``: ``factor`` (the resize
+        applied; 1 = native) and, for ``auto``, the ``measured_diameter`` of the first pass.
+    """
+    check_diameter(diameter, model_diameter)
+    if diameter is None:
+        labels, scores = label_fn(raw)
+        return labels, scores, {"factor": 1.0}
+    info: dict = {}
+    if diameter == "auto":
+        labels, scores = label_fn(raw)
+        sizes = object_diameters(labels)
+        if len(sizes) < MIN_OBJECTS:
+            return labels, scores, {"factor": 1.0, "measured_diameter": None}
+        info["measured_diameter"] = round(float(np.median(sizes)), 2)
+        factor = scale_factor(info["measured_diameter"], model_diameter)
+        if 1 / TOLERANCE <= factor <= TOLERANCE:
+            return labels, scores, {"factor": 1.0, **info}
+    else:
+        factor = scale_factor(float(diameter), model_diameter)
+    small_labels, scores = label_fn(resize_image(raw, factor))
+    labels, scores = resize_labels(small_labels, scores, tuple(np.asarray(raw).shape[:2]))
+    return labels, scores, {"factor": round(factor, 4), **info}

@@ -1,0 +1,138 @@
+"""Predicting at the training object size: diameters, resizing, the one- and two-pass rules."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cellrcnn.inference.scale import (
+    annotation_diameter,
+    check_diameter,
+    object_diameters,
+    predict_at_diameter,
+    resize_image,
+    resize_labels,
+)
+
+
+def disks(diameter: float, grid: int = 4, gap: float = 1.8) -> np.ndarray:
+    """uint8 image (bright disks on 10) with grid×grid disks of ``diameter`` px."""
+    step = int(diameter * gap)
+    size = step * grid
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((size, size), 10, np.uint8)
+    for cy in range(step // 2, size, step):
+        for cx in range(step // 2, size, step):
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= (diameter / 2) ** 2] = 200
+    return image
+
+
+class ThresholdModel:
+    """A label function (threshold + connected components) that records the image sizes it saw."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, raw):
+        self.shapes.append(raw.shape)
+        labels, n = ndimage.label(raw > 100)
+        return labels.astype(np.uint32), np.linspace(0.5, 1.0, n).astype(np.float32)
+
+
+def test_object_diameters_of_disks():
+    labels, n = ndimage.label(disks(30) > 100)
+    assert n == 16
+    np.testing.assert_allclose(object_diameters(labels), 30, atol=1.0)
+    assert object_diameters(np.zeros((5, 5), np.uint16)).size == 0
+
+
+def test_annotation_diameter_counts_masks_and_boxes(tmp_path):
+    area = float(np.pi * 10**2)  # a 20 px disk
+    def ann(i, **extra):
+        return {"id": i, "image_id": 1, "category_id": 1, "iscrowd": 0, **extra}
+
+    polygon = [[0, 0, 1, 1, 2, 2]]
+    anns = [
+        ann(1, segmentation={"size": [1, 1], "counts": "x"}, area=area, bbox=[0, 0, 20, 20]),
+        ann(2, segmentation=polygon, area=area, bbox=[0, 0, 20, 20]),
+        ann(3, bbox=[5, 5, 40, 10], area=400.0),  # box only: sqrt(40·10) = 20
+        ann(4, segmentation=polygon, area=1e6, bbox=[0, 0, 9, 9], iscrowd=1),  # crowd: not counted
+    ]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 50, "width": 50}], "annotations": anns}))
+    assert annotation_diameter(path) == pytest.approx(20.0)
+    path.write_text(json.dumps({"images": [], "annotations": []}))
+    assert annotation_diameter(path) is None
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (40, 60, 3)])
+def test_resize_image_keeps_dtype_and_range(shape):
+    raw = np.random.default_rng(0).integers(0, 65535, shape, dtype=np.uint16)
+    small = resize_image(raw, 0.5)
+    assert small.dtype == np.uint16 and small.shape == (20, 30, *shape[2:])
+    big = resize_image(raw, 2.5)
+    assert big.shape == (100, 150, *shape[2:])
+    assert big.min() >= raw.min() and big.max() <= raw.max()  # bilinear: no overshoot
+    flat = resize_image(np.full((10, 10), 7, np.uint8), 0.3)
+    assert (flat == 7).all()
+
+
+def test_resize_labels_inverts_an_upsampling_and_drops_lost_objects():
+    labels = np.random.default_rng(1).integers(0, 6, (12, 17)).astype(np.uint16)
+    scores = np.arange(1, 6, dtype=np.float32) / 10
+    present = np.unique(labels)[1:]
+    back, kept = resize_labels(np.kron(labels, np.ones((3, 3), np.uint16)), scores, labels.shape)
+    # every object survives: same partition, renumbered in order, scores follow
+    np.testing.assert_array_equal(back, np.searchsorted(present, labels) * (labels > 0) + (labels > 0))
+    np.testing.assert_allclose(kept, scores[present - 1])
+
+    tiny = np.zeros((40, 40), np.uint32)
+    tiny[0:20, 0:20] = 1
+    tiny[31, 33] = 2  # one pixel between the sampled rows and columns (2, 6, ..., 38): gone
+    out, out_scores = resize_labels(tiny, np.array([0.9, 0.8], np.float32), (10, 10))
+    assert out.max() == 1 and (out == 1).sum() == 25
+    np.testing.assert_allclose(out_scores, [0.9])
+
+
+def test_given_diameter_resizes_once_and_returns_full_size_labels():
+    image = disks(60)
+    model = ThresholdModel()
+    native, _ = ThresholdModel()(image)
+    labels, scores, info = predict_at_diameter(image, model, 60, model_diameter=20)
+    assert info == {"factor": pytest.approx(1 / 3, abs=1e-3)}
+    assert model.shapes == [(image.shape[0] // 3, image.shape[1] // 3)]
+    assert labels.shape == image.shape and labels.max() == 16 == len(scores)
+    for k in range(1, 17):  # each object matches the native-resolution one (IoU > 0.9)
+        j = np.bincount(native[labels == k]).argmax()
+        inter = ((labels == k) & (native == j)).sum()
+        assert inter / ((labels == k) | (native == j)).sum() > 0.9
+
+
+def test_auto_measures_first_and_rescales_only_when_needed():
+    model = ThresholdModel()
+    labels, _, info = predict_at_diameter(disks(60), model, "auto", model_diameter=20)
+    assert info["measured_diameter"] == pytest.approx(60, abs=1.5)
+    assert info["factor"] == pytest.approx(1 / 3, abs=0.02)
+    assert len(model.shapes) == 2 and model.shapes[1][0] == pytest.approx(model.shapes[0][0] / 3, abs=1)
+    assert labels.max() == 16
+
+    model = ThresholdModel()  # objects already near the training size: one pass, untouched
+    _, _, info = predict_at_diameter(disks(22), model, "auto", model_diameter=20)
+    assert info["factor"] == 1.0 and len(model.shapes) == 1
+
+    model = ThresholdModel()  # too few objects to measure: the native result stands
+    _, _, info = predict_at_diameter(disks(60, grid=2), model, "auto", model_diameter=20)
+    assert info == {"factor": 1.0, "measured_diameter": None} and len(model.shapes) == 1
+
+
+def test_native_by_default_and_clear_errors():
+    model = ThresholdModel()
+    image = disks(30)
+    labels, _, info = predict_at_diameter(image, model, None, model_diameter=None)
+    assert info == {"factor": 1.0} and model.shapes == [image.shape] and labels.max() == 16
+    with pytest.raises(ValueError, match="my.ckpt.*object_diameter"):
+        check_diameter("auto", None, "my.ckpt")
+    for bad in ("large", -3, 0):
+        with pytest.raises(ValueError, match="positive number of pixels"):
+            check_diameter(bad, 20.0)
