@@ -44,6 +44,25 @@ def test_build_parts_for_nuclei(backbone, preset):
     assert model.backbone.out_channels == (256 if preset == "default" else 96)
 
 
+def test_channels_last_mask_predictor_equals_torchvision():
+    """Same parameter names (old checkpoints load) and the same logits as MaskRCNNPredictor,
+    forward and backward."""
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    from cellrcnn.models.maskrcnn import ChannelsLastMaskPredictor
+
+    torch.manual_seed(0)
+    plain, fast = MaskRCNNPredictor(16, 8, 2), ChannelsLastMaskPredictor(16, 8, 2)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 16, 14, 14, requires_grad=True)
+    a, b = plain(x), fast(x)
+    assert b.shape == (5, 2, 28, 28) and b.is_contiguous()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    grad_a = torch.autograd.grad(a.square().sum(), x)[0]
+    grad_b = torch.autograd.grad(b.square().sum(), x)[0]
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-5)
+
+
 def test_native_resolution_and_one_channel():
     model = build_maskrcnn(in_channels=1, **TINY).eval()
     assert isinstance(model.transform, NativeResolutionTransform)

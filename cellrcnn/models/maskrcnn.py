@@ -53,6 +53,16 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
+class ChannelsLastMaskPredictor(MaskRCNNPredictor):
+    """torchvision's mask predictor (2× transposed convolution, then 1×1 class logits) run in
+    channels-last memory format. On a CPU, oneDNN's transposed convolution is several times faster
+    that way than on the default layout, and this layer runs on every detection: in a crowded
+    1-megapixel field it cost as much as the whole backbone. Same parameters, same outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class NativeResolutionTransform(GeneralizedRCNNTransform):
     """Normalise and batch images without resizing them (see the module docstring for why)."""
 
@@ -203,7 +213,7 @@ def build_maskrcnn(
         box_positive_fraction=box_positive_fraction,
         mask_roi_pool=mask_roi_pool,
         mask_head=mask_head,
-        mask_predictor=MaskRCNNPredictor(widths["mask_layers"][-1], widths["mask_dim"], num_classes),
+        mask_predictor=ChannelsLastMaskPredictor(widths["mask_layers"][-1], widths["mask_dim"], num_classes),
     )
     mean, std = [float(image_mean)] * in_channels, [float(image_std)] * in_channels
     if min_size is None:
