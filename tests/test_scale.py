@@ -136,3 +136,14 @@ def test_native_by_default_and_clear_errors():
     for bad in ("large", -3, 0):
         with pytest.raises(ValueError, match="positive number of pixels"):
             check_diameter(bad, 20.0)
+
+
+def test_enlargement_is_capped_for_huge_images(monkeypatch):
+    import cellrcnn.inference.scale as scale
+
+    monkeypatch.setattr(scale, "MAX_RESIZED_PIXELS", 4 * 120 * 120)  # at most 2x for this image
+    model = ThresholdModel()
+    with pytest.warns(UserWarning, match="enlarged 2.00× only"):
+        labels, _, info = predict_at_diameter(disks(15, gap=2), model, 5, model_diameter=20)
+    assert info["factor"] == pytest.approx(2.0) and model.shapes == [(240, 240)]
+    assert labels.shape == (120, 120) and labels.max() == 16

@@ -20,6 +20,7 @@ checkpoint by ``train.py`` (hyper-parameter ``object_diameter``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 TOLERANCE = 1.3  # sizes within this ratio of the training median need no resizing
 MIN_OBJECTS = 5  # fewer objects measure no reliable median size
 FACTOR_LIMITS = (0.25, 4.0)  # beyond these the image loses its objects or grows 16-fold
+MAX_RESIZED_PIXELS = 1 << 27  # an enlarged image (float32 while resized) stays below ~0.5 GB per channel
 
 LabelFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # raw image -> (labels, scores)
 
@@ -150,6 +152,11 @@ def predict_at_diameter(
             return labels, scores, {"factor": 1.0, **info}
     else:
         factor = scale_factor(float(diameter), model_diameter)
+    h, w = np.asarray(raw).shape[:2]
+    if factor > 1 and h * w * factor**2 > MAX_RESIZED_PIXELS:
+        factor = max(1.0, math.sqrt(MAX_RESIZED_PIXELS / (h * w)))
+        warnings.warn(f"a {w}×{h} image enlarged {factor:.2f}× only (memory); its objects stay smaller "
+                      "than the model's training size", stacklevel=2)
     small_labels, scores = label_fn(resize_image(raw, factor))
     labels, scores = resize_labels(small_labels, scores, tuple(np.asarray(raw).shape[:2]))
     return labels, scores, {"factor": round(factor, 4), **info}
