@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         "object_diameter_px": round(model.object_diameter, 1),
         "trained_on": f"BBBC038 / DSB2018 stage1_train (community-fixed masks), {meta['n_train']} images "
                       f"(90 % by sha256('{meta['split_salt']}:'+ImageId)), from scratch",
-        "training_command": "python " + training.get("command", "train.py experiment=bbbc038_" + name).replace(f"{REPO}/", ""),
+        "training_command": "python " + re.sub(r"(=)/\S*/(outputs|datasets)/", r"\1\2/",
+                                               training.get("command", "train.py experiment=bbbc038_" + name)),
         "benchmark_command": f"python bench/dsb2018.py --budget-min {meta['budget_min']:g} --models maskrcnn,unet",
         "training_budget_min": meta["budget_min"], "global_step": metrics.get("global_step"),
         "heldout_images": meta["n_val"],
