@@ -117,6 +117,10 @@ def test_auto_measures_first_and_rescales_only_when_needed():
     assert len(model.shapes) == 2 and model.shapes[1][0] == pytest.approx(model.shapes[0][0] / 3, abs=1)
     assert labels.max() == 16
 
+    model = ThresholdModel()  # objects 4x too small: auto enlarges at most 2x (noise looks small too)
+    _, _, info = predict_at_diameter(disks(10), model, "auto", model_diameter=40)
+    assert info["factor"] == 2.0 and model.shapes[1] == tuple(2 * n for n in model.shapes[0])
+
     model = ThresholdModel()  # objects already near the training size: one pass, untouched
     _, _, info = predict_at_diameter(disks(22), model, "auto", model_diameter=20)
     assert info["factor"] == 1.0 and len(model.shapes) == 1

@@ -11,7 +11,8 @@ its objects have the training size, predict, and resize the labels back.
 - ``diameter=auto``: a first pass at the native size measures the median object diameter. A
   second pass at the corrected size runs only when that median differs from the model's by
   more than :data:`TOLERANCE` (the range the training scale jitter already covers), and only
-  when the first pass found at least :data:`MIN_OBJECTS` objects to measure.
+  when the first pass found at least :data:`MIN_OBJECTS` objects to measure; it enlarges at
+  most :data:`AUTO_MAX_ENLARGEMENT`-fold.
 
 ``model_diameter`` is the median equivalent diameter of the training objects, recorded in the
 checkpoint by ``train.py`` (hyper-parameter ``object_diameter``).
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 TOLERANCE = 1.3  # sizes within this ratio of the training median need no resizing
 MIN_OBJECTS = 5  # fewer objects measure no reliable median size
 FACTOR_LIMITS = (0.25, 4.0)  # beyond these the image loses its objects or grows 16-fold
-MAX_RESIZED_PIXELS = 1 << 27  # an enlarged image (float32 while resized) stays below ~0.5 GB per channel
+AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny objects must not blow an image up 16-fold
+MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
 
 LabelFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # raw image -> (labels, scores)
 
@@ -147,7 +149,7 @@ def predict_at_diameter(
         if len(sizes) < MIN_OBJECTS:
             return labels, scores, {"factor": 1.0, "measured_diameter": None}
         info["measured_diameter"] = round(float(np.median(sizes)), 2)
-        factor = scale_factor(info["measured_diameter"], model_diameter)
+        factor = min(scale_factor(info["measured_diameter"], model_diameter), AUTO_MAX_ENLARGEMENT)
         if 1 / TOLERANCE <= factor <= TOLERANCE:
             return labels, scores, {"factor": 1.0, **info}
     else:
