@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"factor": f, "mode": mode, **{k: float(m[k]) for k in METRICS},
                      "s_per_image": seconds[f, mode] / n,
                      "resized_images": sum(a != 1.0 for a in applied[f]) if mode == "auto" else 0})
+    shown = str(args.ckpt.resolve().relative_to(REPO) if args.ckpt.resolve().is_relative_to(REPO) else args.ckpt)
     lines = [
-        f"**Held-out DSB2018 ({n} images of {args.split}) resized by each factor, `{args.ckpt.relative_to(REPO) if args.ckpt.is_relative_to(REPO) else args.ckpt}` "
+        f"**Held-out DSB2018 ({n} images of {args.split}) resized by each factor, `{shown}` "
         f"(training objects: median {model.object_diameter:.1f} px)**", "",
         "| image size factor | diameter | " + " | ".join(METRICS) + " | images re-run resized | s/image |",
         "|---|---|" + "---|" * (len(METRICS) + 2),
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{time.strftime('%Y-%m-%d')}, CPU, {args.threads} thread(s)."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale_robustness.md").write_text("\n".join(lines) + "\n")
-    (args.out / "scale_robustness.json").write_text(json.dumps({"checkpoint": str(args.ckpt), "n_images": n, "rows": rows}, indent=1))
+    (args.out / "scale_robustness.json").write_text(json.dumps({"checkpoint": shown, "n_images": n, "rows": rows}, indent=1))
     print("\n".join(lines))
 
 
