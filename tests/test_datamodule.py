@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.data.datamodule import CellDataModule, collate, split_by_hash, split_coco_file
+from cellrcnn.data.datamodule import (
+    CellDataModule,
+    appearance_key,
+    balanced_weights,
+    collate,
+    split_by_hash,
+    split_coco_file,
+)
 from cellrcnn.data.synthetic import generate_dataset
 
 
@@ -148,3 +155,59 @@ def test_split_coco_file(root, tmp_path):
         assert all(a["image_id"] in keep for a in p["annotations"])
     assert sum(len(p["annotations"]) for p in parts) == len(whole["annotations"])
     assert np.isclose(len(ids[0]) + len(ids[1]), 6)
+
+
+def test_appearance_key_tells_acquisition_groups_apart():
+    rng = np.random.default_rng(0)
+    fluorescence = rng.integers(0, 30, (40, 50)).astype(np.uint16)
+    fluorescence[10:20, 10:20] = 4000  # bright nuclei on a dark background, 16-bit
+    grey_as_rgb = np.repeat((255 - fluorescence // 16).astype(np.uint8)[..., None], 3, axis=-1)
+    stained = np.full((40, 50, 4), 230, np.uint8)  # pink background, purple nuclei, with alpha
+    stained[..., 1] = 180
+    stained[10:20, 10:20, :3] = (90, 40, 150)
+    assert appearance_key(fluorescence) == (40, 50, False, False)
+    assert appearance_key(grey_as_rgb) == (40, 50, False, True)
+    assert appearance_key(stained) == (40, 50, True, True)
+
+
+def test_balanced_weights_are_inverse_sqrt_of_group_size():
+    weights = balanced_weights(["a", "a", "a", "a", "b"])
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[4] / weights[0] == pytest.approx(2.0)  # 1/sqrt(1) against 1/sqrt(4)
+
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory):
+    """Five 64×64 fluorescence fields and one 80×80 stained field, one square nucleus each."""
+    from cellrcnn.data.converters.common import mask_annotation
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    for i in range(6):
+        size = 80 if i == 5 else 64
+        raw = np.zeros((size, size, 3), np.uint8) + (np.array([230, 180, 230], np.uint8) if i == 5 else 0)
+        raw[20:40, 20:40] = (90, 40, 150) if i == 5 else (200, 200, 200)
+        Image.fromarray(raw).save(root / "images" / f"im{i}.png")
+        images.append({"id": i + 1, "file_name": f"im{i}.png", "height": size, "width": size})
+        mask = np.zeros((size, size), np.uint8)
+        mask[20:40, 20:40] = 1
+        annotations.append({**mask_annotation(mask), "id": i + 1, "image_id": i + 1})
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "nucleus"}]}
+    (root / "annotations" / "train.json").write_text(json.dumps(coco))
+    return root
+
+
+def test_appearance_balance_draws_the_rare_group_more_often(mixed_root):
+    dm = CellDataModule(mixed_root, val_split=None, test_split=None, augment=False, batch_size=1,
+                        balance="appearance", seed=3)
+    weights = dm.sample_weights()
+    assert weights[5] / weights[0] == pytest.approx(5**0.5)
+    draws = [t["image_id"] for _ in range(60) for _, targets in dm.train_dataloader() for t in targets]
+    assert len(draws) == 360  # an epoch still has as many samples as images
+    # expected share of the stained image: 1 / (1 + 5 / sqrt(5)) = 0.31, against 1/6 unbalanced
+    assert 0.25 < draws.count(6) / len(draws) < 0.37
+    with pytest.raises(ValueError, match="balance"):
+        CellDataModule(mixed_root, balance="modality")
