@@ -179,8 +179,9 @@ def test_balanced_weights_are_inverse_sqrt_of_group_size():
 @pytest.fixture(scope="module")
 def mixed_root(tmp_path_factory):
     """Five 64×64 fluorescence fields and one 80×80 stained field, one square nucleus each."""
-    from cellrcnn.data.converters.common import mask_annotation
     from PIL import Image
+
+    from cellrcnn.data.converters.common import mask_annotation
 
     root = tmp_path_factory.mktemp("mixed")
     (root / "images").mkdir()
@@ -201,8 +202,9 @@ def mixed_root(tmp_path_factory):
 
 
 def test_appearance_balance_draws_the_rare_group_more_often(mixed_root):
-    dm = CellDataModule(mixed_root, val_split=None, test_split=None, augment=False, batch_size=1,
-                        balance="appearance", seed=3)
+    dm = CellDataModule(
+        mixed_root, val_split=None, test_split=None, augment=False, batch_size=1, balance="appearance", seed=3
+    )
     weights = dm.sample_weights()
     assert weights[5] / weights[0] == pytest.approx(5**0.5)
     draws = [t["image_id"] for _ in range(60) for _, targets in dm.train_dataloader() for t in targets]

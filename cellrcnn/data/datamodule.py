@@ -263,7 +263,10 @@ class CellDataModule(L.LightningDataModule):
             from tqdm.auto import tqdm
 
             base = self._dataset("train")
-            keys = [appearance_key(base.load_raw(i)) for i in tqdm(range(len(base)), desc="grouping images", leave=False)]
+            keys = [
+                appearance_key(base.load_raw(i))
+                for i in tqdm(range(len(base)), desc="grouping images", leave=False)
+            ]
             self._sample_weights = balanced_weights(keys)
         return self._sample_weights
 
@@ -275,7 +278,9 @@ class CellDataModule(L.LightningDataModule):
             # with replacement, one epoch = as many draws as images; under DDP Lightning wraps this
             # sampler so the ranks split every epoch's draws
             weights = torch.as_tensor(self.sample_weights())
-            sampler = WeightedRandomSampler(weights, len(weights), replacement=True, generator=self._generator(split))
+            sampler = WeightedRandomSampler(
+                weights, len(weights), replacement=True, generator=self._generator(split)
+            )
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
