@@ -134,8 +134,29 @@ def _wait(model: str, item: tuple, info: dict) -> None:
           flush=True)
 
 
-def evaluate_predictor(dataset, predict, name: str) -> dict:
-    """Shared-Evaluator metrics of ``predict(image) -> instance dict`` over ``dataset`` plus timing."""
+def modality(raw) -> str:
+    """The imaging modality of raw pixels, for the per-modality breakdown: stained tissue shows
+    colour, brightfield a bright background, fluorescence bright nuclei on a dark one."""
+    from cellrcnn.data.datamodule import appearance_key
+
+    _, _, colour, bright = appearance_key(raw)
+    return "stained (H&E, colour)" if colour else "brightfield (grey)" if bright else "fluorescence"
+
+
+def breakdown(per_image: list[dict], groups: list[str]) -> dict[str, dict]:
+    """Per group: image count, mean dsb_score and f1@0.5 pooled over the group's objects."""
+    out: dict[str, dict] = {}
+    for name in sorted(set(groups)):
+        rows = [r for r, g in zip(per_image, groups, strict=True) if g == name]
+        tp, fp, fn = (sum(r[k] or 0 for r in rows) for k in ("tp", "fp", "fn"))
+        out[name] = {"n_images": len(rows), "dsb_score": sum(r["dsb_score"] for r in rows) / len(rows),
+                     "f1@0.5": 2 * tp / max(1, 2 * tp + fp + fn)}
+    return out
+
+
+def evaluate_predictor(dataset, predict, name: str, groups: list[str] | None = None) -> dict:
+    """Shared-Evaluator metrics of ``predict(image) -> instance dict`` over ``dataset`` plus timing,
+    and the same by image group (``by_modality``) when ``groups`` names each image's group."""
     import torch
 
     from cellrcnn.evaluation.evaluator import Evaluator
@@ -152,6 +173,8 @@ def evaluate_predictor(dataset, predict, name: str) -> dict:
         evaluator.update(target, pred)
     metrics = {k: float(v) for k, v in evaluator.compute().items()}
     metrics["infer_s_per_image"] = seconds / max(1, len(dataset))
+    if groups is not None:
+        metrics["by_modality"] = breakdown(evaluator.per_image, groups)
     print(f"[dsb2018] {name}: dsb_score {metrics['dsb_score']:.4f}  f1@0.5 {metrics['f1@0.5']:.4f}  "
           f"{metrics['infer_s_per_image']:.2f} s/image", flush=True)
     return metrics
@@ -207,6 +230,8 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
     torch.set_num_threads(threads)
     ann = root / "annotations" / f"{SPLITS[1]}.json"
     results: dict[str, dict] = {}
+    held_out = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
+    groups = [modality(held_out.load_raw(i)) for i in range(limit or len(held_out))]
     for model in models:
         ckpt = checkpoint_of(runs / model)
         calibration = None
@@ -216,14 +241,14 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
         dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=input_channels(module))
         dataset.images = dataset.images[:limit] if limit else dataset.images
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model)
+        metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model, groups)
         metrics.update(checkpoint=str(ckpt), global_step=int(state.get("global_step", -1)),
                        epoch=int(state.get("epoch", -1)), calibration=calibration)
         results[model] = metrics
         del module, state
     dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
     dataset.images = dataset.images[:limit] if limit else dataset.images
-    results["classical"] = evaluate_predictor(dataset, classical_predict, "otsu+watershed")
+    results["classical"] = evaluate_predictor(dataset, classical_predict, "otsu+watershed", groups)
     return results
 
 
@@ -248,9 +273,25 @@ def write_tables(out: Path, results: dict[str, dict], meta: dict) -> None:
     if chosen:
         lines.append("Decision thresholds chosen after training on training images (`cellrcnn.evaluation.calibrate`): "
                      + "; ".join(chosen) + ".")
+    lines += modality_table(results, names)
     (out / "dsb2018.md").write_text("\n".join(lines) + "\n")
     (out / "dsb2018.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print("\n".join(lines))
+
+
+def modality_table(results: dict[str, dict], names: dict[str, str]) -> list[str]:
+    """Markdown rows: dsb_score / f1@0.5 of every model per imaging modality of the held-out images."""
+    scored = {k: m["by_modality"] for k, m in results.items() if m.get("by_modality")}
+    if not scored:
+        return []
+    groups = sorted({g for by in scored.values() for g in by})
+    head = "| modality (held-out images) | " + " | ".join(names.get(k, k).split(" (")[0] for k in scored) + " |"
+    lines = ["", "dsb_score / f1@0.5 by imaging modality:", "", head, "|" + "---|" * (len(scored) + 1)]
+    for g in groups:
+        n = next(by[g]["n_images"] for by in scored.values() if g in by)
+        cells = [f"{by[g]['dsb_score']:.3f} / {by[g]['f1@0.5']:.3f}" if g in by else "–" for by in scored.values()]
+        lines.append(f"| {g} ({n}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,6 +72,24 @@ def test_dsb_split_is_deterministic_by_image_id(tmp_path):
     assert dsb.write_split(Path(root)) == counts  # re-running changes nothing
 
 
+def test_dsb_breakdown_by_modality():
+    dsb = _load_script("dsb2018")
+    rows = [{"dsb_score": 0.5, "tp": 3, "fp": 1, "fn": 0}, {"dsb_score": 0.1, "tp": 1, "fp": 0, "fn": 3},
+            {"dsb_score": 0.9, "tp": 2, "fp": 0, "fn": 0}]
+    by = dsb.breakdown(rows, ["fluorescence", "fluorescence", "brightfield (grey)"])
+    # pooled over the group's objects: tp 4, fp 1, fn 3 -> f1 = 8 / 12
+    assert by["fluorescence"] == {"n_images": 2, "dsb_score": pytest.approx(0.3), "f1@0.5": pytest.approx(8 / 12)}
+    assert by["brightfield (grey)"]["f1@0.5"] == 1.0
+    fluorescence = np.zeros((32, 32), np.uint16)
+    fluorescence[8:16, 8:16] = 1000
+    stained = np.full((32, 32, 3), 230, np.uint8)
+    stained[..., 1] = 170
+    stained[8:16, 8:16] = (90, 40, 150)
+    assert dsb.modality(fluorescence) == "fluorescence"
+    assert dsb.modality((1000 - fluorescence) // 4) == "brightfield (grey)"
+    assert dsb.modality(stained) == "stained (H&E, colour)"
+
+
 @pytest.mark.slow
 def test_dsb_benchmark_smoke(tmp_path):
     """Both trainings through train.py (a few steps), evaluation and the results tables."""
@@ -88,8 +106,10 @@ def test_dsb_benchmark_smoke(tmp_path):
     for metrics in saved["results"].values():
         assert 0.0 <= metrics["dsb_score"] <= 1.0 and metrics["infer_s_per_image"] > 0
     assert saved["results"]["maskrcnn"]["global_step"] >= 1  # trained through train.py
+    by_modality = saved["results"]["unet"]["by_modality"]
+    assert sum(group["n_images"] for group in by_modality.values()) == 2  # every scored image in one group
     table = (out / "dsb2018.md").read_text()
-    assert "Otsu + watershed" in table and "dsb_score" in table
+    assert "Otsu + watershed" in table and "dsb_score" in table and "by imaging modality" in table
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")

@@ -63,6 +63,27 @@ def test_channels_last_mask_predictor_equals_torchvision():
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-5)
 
 
+def test_channels_last_backbone_loads_and_predicts_like_the_default_layout():
+    """The backbone runs channels-last; a state dict saved from default-layout weights loads into
+    it (older checkpoints) and gives the same detections."""
+    torch.manual_seed(0)
+    fast = build_maskrcnn(in_channels=1, **TINY).eval()
+    conv = fast.backbone.body.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    plain = build_maskrcnn(in_channels=1, **TINY).eval()
+    plain.backbone.to(memory_format=torch.contiguous_format)
+    plain.load_state_dict({k: v.contiguous() for k, v in fast.state_dict().items()})
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.body.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    fast.roi_heads.score_thresh = plain.roi_heads.score_thresh = 0.0
+    image, _ = disks(4, 96, channels=1)
+    with torch.no_grad():
+        a, b = plain([image])[0], fast([image])[0]
+    assert len(a["scores"]) > 0 and a["boxes"].shape == b["boxes"].shape
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-3, atol=1e-2)
+
+
 def test_native_resolution_and_one_channel():
     model = build_maskrcnn(in_channels=1, **TINY).eval()
     assert isinstance(model.transform, NativeResolutionTransform)

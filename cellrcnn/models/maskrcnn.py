@@ -171,6 +171,12 @@ def build_maskrcnn(
         extra_blocks=LastLevelMaxPool(),
         norm_layer=head_norm,
     )
+    # Channels-last weights make every backbone and FPN activation channels-last: on a CPU,
+    # oneDNN's convolutions are faster in that layout and PyTorch's max-pooling is tens of times
+    # faster (the stem max-pool cost as much as all the convolutions of a 1 MP field). Measured
+    # on the trained cell preset: inference 2x, a training step 1.4x. The RPN and RoI heads stay
+    # on the default layout, where they are faster. Checkpoints are unaffected (same values).
+    backbone_fpn.to(memory_format=torch.channels_last)
     n_levels = len(returned_layers) + 1  # + the max-pool level
     if len(anchor_sizes) < n_levels:
         raise ValueError(f"{n_levels} FPN levels need {n_levels} anchor sizes, got {list(anchor_sizes)}")
