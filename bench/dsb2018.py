@@ -2,7 +2,7 @@
 
     python bench/dsb2018.py [--budget-min 60] [--models maskrcnn,unet] [--out bench/results]
                             [--sequential | --parallel] [--threads 1] [--calibration-images 48]
-                            [--train-only | --skip-train]
+                            [--train-only | --skip-train [--reuse-calibration]]
 
 1. Converts ``stage1_train.zip`` to COCO (``datasets/coco/bbbc038``) unless already converted.
 2. Splits every image 90/10 by the SHA-256 of its ImageId (``split_by_hash``, salt ``dsb2018``),
@@ -34,6 +34,12 @@ SPLITS = ("dsb_train90", "dsb_val10")
 SALT = "dsb2018"
 MODELS = ("maskrcnn", "unet")
 COLUMNS = ("dsb_score", "segm_AP", "segm_AP50", "f1@0.5", "f1@0.7", "pq@0.5", "dice")
+
+
+def shown(text: str | Path) -> str:
+    """``text`` with this repository's absolute path removed, so recorded commands and paths read the
+    same on every machine."""
+    return str(text).replace(f"{REPO}/", "")
 
 
 def ensure_converted(src: Path, root: Path) -> None:
@@ -116,7 +122,7 @@ def run_training(models: list[str], args: argparse.Namespace, runs: Path) -> dic
         start = time.time()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         procs[model] = (proc, log, start)
-        info[model] = {"run_dir": str(run_dir), "command": " ".join(cmd[1:])}
+        info[model] = {"run_dir": shown(run_dir), "command": shown(" ".join(cmd[1:]))}
         if not args.parallel:
             _wait(model, procs.pop(model), info)
     for model, item in procs.items():
@@ -219,8 +225,19 @@ def calibrate_run(model: str, ckpt: Path, root: Path, n_images: int) -> tuple[Pa
     return out, report
 
 
+def reused_calibration(ckpt: Path) -> tuple[Path, dict] | None:
+    """The run's existing ``calibrated.ckpt`` and its grid report, when it is newer than ``ckpt``."""
+    import torch
+
+    calibrated = ckpt.with_name("calibrated.ckpt")
+    if not calibrated.is_file() or calibrated.stat().st_mtime < ckpt.stat().st_mtime:
+        return None
+    report = torch.load(calibrated, map_location="cpu", weights_only=False).get("cellrcnn_calibration")
+    return (calibrated, report) if report else None
+
+
 def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit: int | None,
-                 calibration_images: int) -> dict[str, dict]:
+                 calibration_images: int, reuse_calibration: bool = False) -> dict[str, dict]:
     import torch
 
     from cellrcnn.data.coco import CocoInstanceDataset
@@ -236,13 +253,14 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
         ckpt = checkpoint_of(runs / model)
         calibration = None
         if calibration_images > 0:
-            ckpt, calibration = calibrate_run(model, ckpt, root, calibration_images)
+            reused = reused_calibration(ckpt) if reuse_calibration else None
+            ckpt, calibration = reused or calibrate_run(model, ckpt, root, calibration_images)
         module = load_module(ckpt)
         dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=input_channels(module))
         dataset.images = dataset.images[:limit] if limit else dataset.images
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model, groups)
-        metrics.update(checkpoint=str(ckpt), global_step=int(state.get("global_step", -1)),
+        metrics.update(checkpoint=shown(ckpt), global_step=int(state.get("global_step", -1)),
                        epoch=int(state.get("epoch", -1)), calibration=calibration)
         results[model] = metrics
         del module, state
@@ -313,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out images")
     p.add_argument("--calibration-images", type=int, default=48,
                    help="training images the decision thresholds are chosen on after training (0: keep the configured ones)")
+    p.add_argument("--reuse-calibration", action="store_true",
+                   help="with --skip-train: score a run's existing calibrated.ckpt instead of calibrating again")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for both trainings")
     args = p.parse_args(argv)
     args.out, args.root, args.runs = args.out.resolve(), args.root.resolve(), args.runs.resolve()
@@ -329,8 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     counts = write_split(args.root)
     meta.update(n_train=counts[SPLITS[0]], n_val=counts[SPLITS[1]], split_salt=SALT)
     previous = args.out / "dsb2018.json"
-    if args.skip_train:  # keep what the training run recorded (commands, wall times)
-        meta["training"] = json.loads(previous.read_text())["meta"].get("training", {}) if previous.is_file() else {}
+    if args.skip_train:  # keep what the training run recorded (commands, wall times, machine load)
+        recorded = json.loads(previous.read_text())["meta"] if previous.is_file() else {}
+        meta = {**meta, **recorded, "rescored": meta["started"]}
+        meta.setdefault("training", {})
     else:
         meta["training"] = run_training(models, args, args.runs)
     if not args.skip_train:
@@ -341,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.train_only:
             (args.out / "dsb2018.json").write_text(json.dumps({"meta": meta, "results": {}}, indent=1))
             return
-    results = evaluate_all(models, args.runs, args.root, os.cpu_count() or 1, args.eval_limit, args.calibration_images)
-    meta.update(uptime_end=_uptime(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    results = evaluate_all(models, args.runs, args.root, os.cpu_count() or 1, args.eval_limit, args.calibration_images,
+                           args.reuse_calibration)
+    meta.setdefault("uptime_end", _uptime())
+    meta.setdefault("finished", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     write_tables(args.out, results, meta)
 
 

@@ -110,6 +110,15 @@ def test_dsb_benchmark_smoke(tmp_path):
     assert sum(group["n_images"] for group in by_modality.values()) == 2  # every scored image in one group
     table = (out / "dsb2018.md").read_text()
     assert "Otsu + watershed" in table and "dsb_score" in table and "by imaging modality" in table
+    # re-scoring with the existing calibration: no new calibration file, the same figures
+    calibrated = tmp_path / "runs" / "unet" / "checkpoints" / "calibrated.ckpt"
+    stamp = calibrated.stat().st_mtime_ns
+    dsb.main(["--skip-train", "--reuse-calibration", "--root", str(root), "--runs", str(tmp_path / "runs"),
+              "--out", str(out), "--eval-limit", "2"])
+    again = json.loads((out / "dsb2018.json").read_text())
+    assert calibrated.stat().st_mtime_ns == stamp
+    assert again["results"]["unet"]["dsb_score"] == pytest.approx(saved["results"]["unet"]["dsb_score"])
+    assert again["results"]["unet"]["calibration"] == saved["results"]["unet"]["calibration"]
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")

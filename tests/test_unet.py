@@ -43,6 +43,24 @@ def test_width_depth_and_errors():
         net(torch.rand(1, 1, 8, 8))
 
 
+def test_channels_last_weights_give_default_layout_outputs():
+    """The U-Net keeps its weights channels-last; a default-layout copy of the same weights (an
+    older checkpoint) loads into it, keeps the fast layout, and gives the same outputs."""
+    torch.manual_seed(0)
+    fast = UNet(in_channels=1, depth=2, base_width=8).eval()
+    weight = fast.encoders[1][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    plain = UNet(in_channels=1, depth=2, base_width=8).eval().to(memory_format=torch.contiguous_format)
+    plain.load_state_dict({k: v.contiguous() for k, v in fast.state_dict().items()})
+    fast.load_state_dict(plain.state_dict())
+    assert fast.encoders[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 1, 37, 45)
+    with torch.no_grad():
+        a, b = plain(x), fast(x)
+    for key in ("logits", "distance"):
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
+
+
 def test_gradients_reach_the_first_layer():
     net = UNet(in_channels=3, depth=2, base_width=4)
     out = net(torch.rand(2, 3, 17, 19))

@@ -85,6 +85,10 @@ class UNet(nn.Module):
         )
         self.class_head = nn.Conv2d(widths[0], NUM_CLASSES, 1)
         self.distance_head = nn.Conv2d(widths[0], 1, 1)
+        # Channels-last weights make the activations channels-last: on a CPU oneDNN's convolutions
+        # and PyTorch's max-pooling are faster in that layout (measured at width 16: a training
+        # step 1.25x, a 1 MP prediction 1.5x). Loaded state dicts keep this layout.
+        self.to(memory_format=torch.channels_last)
 
     @property
     def size_multiple(self) -> int:
