@@ -248,7 +248,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
     ann = root / "annotations" / f"{SPLITS[1]}.json"
     results: dict[str, dict] = {}
     held_out = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
-    groups = [modality(held_out.load_raw(i)) for i in range(limit or len(held_out))]
+    groups = [modality(held_out.load_raw(i)) for i in range(min(limit or len(held_out), len(held_out)))]
     for model in models:
         ckpt = checkpoint_of(runs / model)
         calibration = None
