@@ -9,6 +9,7 @@ import torch
 from cellrcnn.models.postprocess import (
     instances_to_label_image,
     labels_to_instances,
+    median_diameter,
     targets_to_unet_maps,
     unet_outputs_to_labels,
 )
@@ -85,6 +86,27 @@ def test_two_touching_disks_are_two_instances(seed_method, scale, smooth):
     np.testing.assert_allclose(scores, 1.0)
     inst = labels_to_instances(labels, scores)
     assert min(best_ious(gt, inst["masks"].numpy())) > 0.9
+
+
+def test_smoothing_follows_object_size():
+    """A 90-px nucleus whose distance map has a groove through its centre (a ragged top) is one
+    object with the size-proportional smoothing, two with a fixed 2-px sigma; small touching
+    nuclei keep their split (their sigma stays at ``smooth``)."""
+    shape = (120, 120)
+    gt = disk(shape, 60, 60, 45)[None]
+    class_map, distance = targets_to_unet_maps(gt)
+    xx = np.mgrid[: shape[0], : shape[1]][1]
+    ragged = distance * (1 - 0.2 * np.exp(-((xx - 60) ** 2) / (2 * 3.0**2)))
+    assert median_diameter(class_map > 0) == pytest.approx(90, abs=1)
+    fixed, _ = unet_outputs_to_labels(ideal_probs(class_map), ragged, smooth=2.0, smooth_per_diameter=0)
+    adaptive, _ = unet_outputs_to_labels(ideal_probs(class_map), ragged, smooth=2.0, smooth_per_diameter=0.08)
+    assert fixed.max() == 2 and adaptive.max() == 1
+    small = np.stack([disk((40, 50), 20, 15, 7), disk((40, 50), 20, 29, 7)])
+    small[1][small[0] > 0] = 0
+    class_map, distance = targets_to_unet_maps(small)
+    labels, _ = unet_outputs_to_labels(ideal_probs(class_map), distance, smooth=2.0, smooth_per_diameter=0.08)
+    assert labels.max() == 2
+    assert median_diameter(np.zeros((8, 8), bool)) == 0.0
 
 
 def test_120_separate_disks_are_120_instances():

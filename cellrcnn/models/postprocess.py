@@ -108,6 +108,15 @@ def targets_to_unet_maps(masks, boundary_width: int = 1) -> tuple[np.ndarray, np
     return class_map, distance
 
 
+def median_diameter(mask: np.ndarray, min_size: int = 10) -> float:
+    """Median equivalent diameter (pixels) of the connected components of ``mask`` of at least
+    ``min_size`` pixels; 0 when there is none."""
+    components, n = ndimage.label(mask)
+    areas = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    areas = areas[areas >= min_size]
+    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
+
+
 def unet_outputs_to_labels(
     class_probs,
     distance,
@@ -118,6 +127,7 @@ def unet_outputs_to_labels(
     min_seed_size: int = 3,
     min_size: int = 10,
     smooth: float = 2.0,
+    smooth_per_diameter: float = 0.08,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded watershed on U-Net outputs of one image.
 
@@ -133,6 +143,10 @@ def unet_outputs_to_labels(
         min_size: objects smaller than this many pixels are removed.
         smooth: Gaussian sigma (pixels) applied to the distance map first; it merges the
             ragged tops of a poorly calibrated distance map into one seed per object.
+        smooth_per_diameter: the sigma grows to this fraction of the image's median object
+            diameter (measured on the foreground) when that is larger than ``smooth``: the tops of
+            large nuclei are ragged on a larger scale, and a fixed sigma over-split them. Chosen
+            on DSB2018 training images (0.08); 0 keeps ``smooth`` fixed.
 
     Returns:
         ``labels`` int32 H×W with objects 1..N and ``scores`` float32 N (mean foreground
@@ -148,10 +162,11 @@ def unet_outputs_to_labels(
     if dist.size != probs[0].size:
         raise ValueError(f"distance of shape {dist.shape} does not match class_probs of shape {probs.shape}")
     dist = dist.reshape(probs.shape[1:])
-    if smooth > 0:
-        dist = ndimage.gaussian_filter(dist, smooth)
     fg_prob = probs[1] + probs[2]
     mask = fg_prob > fg_threshold
+    sigma = max(smooth, smooth_per_diameter * median_diameter(mask, min_size)) if smooth_per_diameter > 0 else smooth
+    if sigma > 0:
+        dist = ndimage.gaussian_filter(dist, sigma)
 
     if seed_method == "core":
         seeds = (dist > seed_threshold) & (probs[1] >= probs[2]) & (probs[1] >= probs[0]) & mask
