@@ -20,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-ROOT = REPO / "datasets" / "coco" / "bbbc038"
 
 
 def unet_maps(module, annotations: Path, limit: int | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -29,7 +28,7 @@ def unet_maps(module, annotations: Path, limit: int | None) -> list[tuple[np.nda
     from cellrcnn.data.masks import masks_to_label_image
     from cellrcnn.evaluation.calibrate import pick_images
 
-    dataset = CocoInstanceDataset(annotations, image_root=ROOT / "images", channels=1)
+    dataset = CocoInstanceDataset(annotations, image_root=annotations.parent.parent / "images", channels=1)
     rows = []
     for i in tqdm(pick_images(len(dataset), limit), desc=annotations.stem, leave=False):
         image, target = dataset[i]
@@ -51,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=REPO / "outputs" / "dsb2018" / "unet" / "checkpoints" / "calibrated.ckpt")
+    p.add_argument("--root", type=Path, default=REPO / "datasets" / "coco" / "bbbc038")
+    p.add_argument("--train-split", default="dsb_train90")
+    p.add_argument("--held-out-split", default="dsb_val10")
     p.add_argument("--factors", default="0,0.05,0.08,0.12,0.16")
     p.add_argument("--calibration-images", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     module = load_module(args.ckpt)
     postprocess = dict(module.hparams["postprocess"])
     sets = {
-        "train": unet_maps(module, ROOT / "annotations" / "dsb_train90.json", args.calibration_images),
-        "held_out": unet_maps(module, ROOT / "annotations" / "dsb_val10.json", None),
+        "train": unet_maps(module, args.root / "annotations" / f"{args.train_split}.json", args.calibration_images),
+        "held_out": unet_maps(module, args.root / "annotations" / f"{args.held_out_split}.json", None),
     }
     rows = []
     for factor in (float(f) for f in args.factors.split(",")):

@@ -160,3 +160,20 @@ def test_scale_robustness_smoke(tmp_path):
     assert {(r["factor"], r["mode"]) for r in rows} == {(0.5, "native"), (0.5, "auto"), (1.0, "native"), (1.0, "auto")}
     assert all(0.0 <= r["dsb_score"] <= 1.0 for r in rows)
     assert "| 0.5× | auto |" in (tmp_path / "scale_robustness.md").read_text()
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")
+def test_watershed_smoothing_smoke(tmp_path):
+    """Every factor is scored on both splits and the choice is the best on the training split."""
+    from cellrcnn.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "syn", n_train=2, n_val=1, n_test=1, size=96, seed=4)
+    result = _load_script("watershed_smoothing").main(
+        ["--ckpt", str(WEIGHTS), "--root", str(root), "--train-split", "train", "--held-out-split", "test",
+         "--factors", "0,0.1", "--threads", "1", "--out", str(tmp_path)]
+    )
+    assert [r["smooth_per_diameter"] for r in result["rows"]] == [0.0, 0.1]
+    assert result["n_train"] == 2 and result["n_held_out"] == 1
+    assert result["chosen"] == max(result["rows"], key=lambda r: r["train"])
+    assert all(0.0 <= r[k] <= 1.0 for r in result["rows"] for k in ("train", "held_out"))
+    assert "| 0.10 |" in (tmp_path / "watershed_smoothing.md").read_text()
