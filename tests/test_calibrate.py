@@ -70,6 +70,27 @@ def test_unet_calibration_lowers_a_foreground_threshold_that_loses_objects():
     assert update["tta"] is False  # identical maps either way: the first grid point (no flips) wins ties
 
 
+class MapsWithDebris(GroundTruthMaps):
+    """The same maps plus an unannotated 10×10 blob of foreground probability 0.75 (debris)."""
+
+    def predict_maps(self, image, tta=None):
+        probs, distance = super().predict_maps(image, tta)
+        probs[:, 5:15, 45:55] = np.array([0.25, 0.75, 0.0], np.float32)[:, None, None]
+        yy, xx = np.mgrid[5:15, 45:55]
+        distance[5:15, 45:55] = 1.0 - np.maximum(np.abs(yy - 9.5), np.abs(xx - 49.5)) / 5.0
+        return probs, distance
+
+
+def test_unet_calibration_chooses_an_object_score_that_drops_debris():
+    module = MapsWithDebris(net={"in_channels": 1, "base_width": 8, "depth": 2}, postprocess={"fg_threshold": 0.6})
+    update, report = calibrate(module, [squares()])
+    assert report["previous"]["min_score"] == 0.0 and report["previous_dsb_score"] < 1.0
+    assert update["postprocess"]["min_score"] == 0.8  # the lowest grid score above the debris's 0.75
+    assert report["dsb_score"] == 1.0
+    pred = module.predict_instances([squares()[0]])[0]
+    assert len(pred["scores"]) == 2 and float(pred["scores"].min()) >= 0.8
+
+
 def test_calibrated_checkpoint_round_trip(tmp_path):
     module = MaskRCNNModule(net=TINY, score_threshold=0.5, mask_threshold=0.5)
     ckpt = tmp_path / "model.ckpt"

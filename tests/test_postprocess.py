@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cellrcnn.models.postprocess import (
+    drop_low_scores,
     instances_to_label_image,
     labels_to_instances,
     median_diameter,
@@ -107,6 +108,23 @@ def test_smoothing_follows_object_size():
     labels, _ = unet_outputs_to_labels(ideal_probs(class_map), distance, smooth=2.0, smooth_per_diameter=0.08)
     assert labels.max() == 2
     assert median_diameter(np.zeros((8, 8), bool)) == 0.0
+
+
+def test_min_score_drops_uncertain_objects_and_renumbers():
+    probs = np.zeros((3, 20, 30), np.float32)
+    probs[0] = 1.0
+    probs[:, 2:8, 2:8] = np.array([0.1, 0.9, 0.0], np.float32)[:, None, None]  # confident
+    probs[:, 10:16, 10:16] = np.array([0.3, 0.7, 0.0], np.float32)[:, None, None]  # uncertain
+    probs[:, 2:8, 20:26] = np.array([0.05, 0.95, 0.0], np.float32)[:, None, None]
+    distance = np.zeros((20, 30), np.float32)
+    labels, scores = unet_outputs_to_labels(probs, distance, fg_threshold=0.5)
+    assert labels.max() == 3
+    labels, scores = unet_outputs_to_labels(probs, distance, fg_threshold=0.5, min_score=0.8)
+    assert labels.max() == 2 and sorted(np.unique(labels)) == [0, 1, 2]
+    np.testing.assert_allclose(sorted(scores), [0.9, 0.95], rtol=1e-6)
+    assert (labels[10:16, 10:16] == 0).all()
+    same, kept = drop_low_scores(labels, scores, 0.0)
+    assert same is labels and kept is scores
 
 
 def test_120_separate_disks_are_120_instances():

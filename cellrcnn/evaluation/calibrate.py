@@ -6,8 +6,8 @@
 A network's raw outputs are decided into objects by thresholds that training does not learn:
 for Mask R-CNN the detection ``score_threshold`` (false positives cost as much as misses in the
 DSB score) and the ``mask_threshold`` (how far a mask reaches); for the U-Net the foreground
-probability ``fg_threshold``, the watershed seed depth ``h`` (split versus merge) and whether to
-average over flips (``tta``). Their best values move with the length of training, so they are
+probability ``fg_threshold``, the watershed seed depth ``h`` (split versus merge), the object
+score ``min_score`` (mean foreground probability) and whether to average over flips (``tta``). Their best values move with the length of training, so they are
 chosen after it: each image runs through the network once (the U-Net also flip-averaged), every
 grid point is decided from the same outputs, and the point with the best mean DSB score wins. Use
 annotated images that are *not* the test split (e.g. part of the training set).
@@ -37,6 +37,7 @@ SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MASK_GRID = (0.4, 0.5, 0.6, 0.7)
 FG_GRID = (0.4, 0.5, 0.6, 0.7)
 H_GRID = (0.02, 0.05, 0.1, 0.2)
+MIN_SCORE_GRID = (0.0, 0.8, 0.85, 0.9)
 
 
 def _gt_labels(target: dict) -> np.ndarray:
@@ -75,19 +76,22 @@ def grid_unet(
     tta: Sequence[bool] = (False, True),
     fg: Sequence[float] = FG_GRID,
     h: Sequence[float] = H_GRID,
-) -> dict[tuple[bool, float, float], float]:
-    """Mean DSB score per ``(tta, fg_threshold, h)`` of a UNetModule's inference and watershed."""
-    from ..models.postprocess import unet_outputs_to_labels
+    min_score: Sequence[float] = MIN_SCORE_GRID,
+) -> dict[tuple[bool, float, float, float], float]:
+    """Mean DSB score per ``(tta, fg_threshold, h, min_score)`` of a UNetModule's inference and
+    watershed (one watershed per (tta, fg, h); the score filter is applied to its result)."""
+    from ..models.postprocess import drop_low_scores, unet_outputs_to_labels
 
-    totals = dict.fromkeys(itertools.product(tta, fg, h), 0.0)
+    totals = dict.fromkeys(itertools.product(tta, fg, h, min_score), 0.0)
     n = 0
     for image, target in tqdm(samples, desc="calibration", leave=False):
         gt = _gt_labels(target)
         maps = {flag: module.predict_maps(image, tta=flag) for flag in tta}
-        for tta_t, fg_t, h_t in totals:
-            settings = {**module.postprocess, "fg_threshold": fg_t, "h": h_t, "seed_method": "hmaxima"}
-            labels, _ = unet_outputs_to_labels(*maps[tta_t], **settings)
-            totals[tta_t, fg_t, h_t] += dsb_score(gt, labels)
+        for tta_t, fg_t, h_t in itertools.product(tta, fg, h):
+            settings = {**module.postprocess, "fg_threshold": fg_t, "h": h_t, "seed_method": "hmaxima", "min_score": 0.0}
+            labels, scores = unet_outputs_to_labels(*maps[tta_t], **settings)
+            for score_t in min_score:
+                totals[tta_t, fg_t, h_t, score_t] += dsb_score(gt, drop_low_scores(labels, scores, score_t)[0])
         n += 1
     return {k: v / max(n, 1) for k, v in totals.items()}
 
@@ -105,9 +109,11 @@ def calibrate(module, samples: Sequence[tuple[torch.Tensor, dict]]) -> tuple[dic
         before = (module.score_threshold, module.mask_threshold)
         grid = grid_maskrcnn(module, samples, sorted({*SCORE_GRID, before[0]}), sorted({*MASK_GRID, before[1]}))
     elif isinstance(module, UNetModule):
-        names = ("tta", "fg_threshold", "h")
-        before = (module.tta, module.postprocess.get("fg_threshold", 0.6), module.postprocess.get("h", 0.05))
-        grid = grid_unet(module, samples, (False, True), sorted({*FG_GRID, before[1]}), sorted({*H_GRID, before[2]}))
+        names = ("tta", "fg_threshold", "h", "min_score")
+        pp = module.postprocess
+        before = (module.tta, pp.get("fg_threshold", 0.6), pp.get("h", 0.05), pp.get("min_score", 0.0))
+        grid = grid_unet(module, samples, (False, True), sorted({*FG_GRID, before[1]}), sorted({*H_GRID, before[2]}),
+                         sorted({*MIN_SCORE_GRID, before[3]}))
     else:
         raise TypeError(f"no thresholds to calibrate for {type(module).__name__}")
     best = max(grid, key=grid.get)

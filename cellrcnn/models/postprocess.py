@@ -128,6 +128,7 @@ def unet_outputs_to_labels(
     min_size: int = 10,
     smooth: float = 2.0,
     smooth_per_diameter: float = 0.08,
+    min_score: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded watershed on U-Net outputs of one image.
 
@@ -147,6 +148,8 @@ def unet_outputs_to_labels(
             diameter (measured on the foreground) when that is larger than ``smooth``: the tops of
             large nuclei are ragged on a larger scale, and a fixed sigma over-split them. Chosen
             on DSB2018 training images (0.08); 0 keeps ``smooth`` fixed.
+        min_score: objects whose mean foreground probability is below this are removed (the
+            U-Net's counterpart of a detection score threshold; calibrated after training).
 
     Returns:
         ``labels`` int32 H×W with objects 1..N and ``scores`` float32 N (mean foreground
@@ -194,7 +197,18 @@ def unet_outputs_to_labels(
     if n_obj == 0:
         return labels, np.zeros(0, np.float32)
     scores = ndimage.mean(fg_prob, labels, index=np.arange(1, n_obj + 1)).astype(np.float32)
-    return labels, scores
+    return drop_low_scores(labels, scores, min_score)
+
+
+def drop_low_scores(labels: np.ndarray, scores: np.ndarray, min_score: float) -> tuple[np.ndarray, np.ndarray]:
+    """Remove the objects of a 1..N label image whose score (``scores[k]`` of label k+1) is below
+    ``min_score``; the rest are renumbered 1..M in order."""
+    keep = scores >= min_score
+    if keep.all():
+        return labels, scores
+    new_ids = np.zeros(len(scores) + 1, np.int32)
+    new_ids[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return new_ids[labels], scores[keep]
 
 
 def labels_to_instances(labels, scores=None) -> dict[str, torch.Tensor]:
