@@ -11,9 +11,11 @@
    wall budget (``trainer.max_time``): one after the other, each as two single-threaded DDP
    processes on the two cores (the experiments' ``trainer=ddp``), or side by side.
 4. Chooses each run's decision thresholds on 48 full *training* images
-   (``cellrcnn.evaluation.calibrate``: score/mask thresholds, watershed foreground/seed depth).
+   (``cellrcnn.evaluation.calibrate``: score/mask thresholds, watershed foreground/seed depth/object score).
 5. Scores the calibrated final weights of each run and the classical floor on the held-out 10 %
-   (full images) with the shared Evaluator, and writes ``dsb2018.json`` and ``dsb2018.md`` to ``--out``.
+   (full images) with the shared Evaluator, overall and by imaging modality (fluorescence,
+   brightfield, stained), and writes ``dsb2018.json`` and ``dsb2018.md`` to ``--out``.
+   ``--skip-train`` re-scores existing runs (``--reuse-calibration`` keeps their calibration).
 """
 
 from __future__ import annotations

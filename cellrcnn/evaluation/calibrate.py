@@ -7,10 +7,11 @@ A network's raw outputs are decided into objects by thresholds that training doe
 for Mask R-CNN the detection ``score_threshold`` (false positives cost as much as misses in the
 DSB score) and the ``mask_threshold`` (how far a mask reaches); for the U-Net the foreground
 probability ``fg_threshold``, the watershed seed depth ``h`` (split versus merge), the object
-score ``min_score`` (mean foreground probability) and whether to average over flips (``tta``). Their best values move with the length of training, so they are
-chosen after it: each image runs through the network once (the U-Net also flip-averaged), every
-grid point is decided from the same outputs, and the point with the best mean DSB score wins. Use
-annotated images that are *not* the test split (e.g. part of the training set).
+score ``min_score`` (mean foreground probability) and whether to average over flips (``tta``).
+Their best values move with the length of training, so they are chosen after it: each image
+runs through the network once (the U-Net also flip-averaged), every grid point is decided from
+the same outputs, and the point with the best mean DSB score wins. Use annotated images that are
+*not* the test split (e.g. part of the training set).
 
 Writes the checkpoint copy (``--out``, default ``<ckpt>.calibrated.ckpt``) whose hyper-parameters
 carry the chosen values, so ``predict.py``/``evaluate.py`` use them, and prints the grid.
