@@ -249,8 +249,9 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
     torch.set_num_threads(threads)
     ann = root / "annotations" / f"{SPLITS[1]}.json"
     results: dict[str, dict] = {}
-    held_out = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
-    groups = [modality(held_out.load_raw(i)) for i in range(min(limit or len(held_out), len(held_out)))]
+    held_out = CocoInstanceDataset(ann, image_root=root / "images", channels=1)  # grey, as the floor reads it
+    held_out.images = held_out.images[:limit] if limit else held_out.images
+    groups = [modality(held_out.load_raw(i)) for i in range(len(held_out))]
     for model in models:
         ckpt = checkpoint_of(runs / model)
         calibration = None
@@ -266,9 +267,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
                        epoch=int(state.get("epoch", -1)), calibration=calibration)
         results[model] = metrics
         del module, state
-    dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=1)
-    dataset.images = dataset.images[:limit] if limit else dataset.images
-    results["classical"] = evaluate_predictor(dataset, classical_predict, "otsu+watershed", groups)
+    results["classical"] = evaluate_predictor(held_out, classical_predict, "otsu+watershed", groups)
     return results
 
 

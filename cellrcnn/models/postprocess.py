@@ -111,10 +111,11 @@ def targets_to_unet_maps(masks, boundary_width: int = 1) -> tuple[np.ndarray, np
 def median_diameter(mask: np.ndarray, min_size: int = 10) -> float:
     """Median equivalent diameter (pixels) of the connected components of ``mask`` of at least
     ``min_size`` pixels; 0 when there is none."""
-    components, n = ndimage.label(mask)
-    areas = np.bincount(components.ravel(), minlength=n + 1)[1:]
-    areas = areas[areas >= min_size]
-    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
+    from cellrcnn.inference.scale import equivalent_diameter, object_diameters
+
+    diameters = object_diameters(ndimage.label(mask)[0])
+    diameters = diameters[diameters >= equivalent_diameter(min_size)]
+    return float(np.median(diameters)) if diameters.size else 0.0
 
 
 def unet_outputs_to_labels(
