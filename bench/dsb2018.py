@@ -11,7 +11,8 @@
    wall budget (``trainer.max_time``): one after the other, each as two single-threaded DDP
    processes on the two cores (the experiments' ``trainer=ddp``), or side by side.
 4. Chooses each run's decision thresholds on 48 full *training* images
-   (``cellrcnn.evaluation.calibrate``: score/mask thresholds, watershed foreground/seed depth/object score).
+   (``cellrcnn.evaluation.calibrate``: score/mask thresholds; watershed foreground, seed depth,
+   boundary weight and object score).
 5. Scores the calibrated final weights of each run and the classical floor on the held-out 10 %
    (full images) with the shared Evaluator, overall and by imaging modality (fluorescence,
    brightfield, stained), and writes ``dsb2018.json`` and ``dsb2018.md`` to ``--out``.
@@ -211,13 +212,13 @@ def checkpoint_of(run_dir: Path) -> Path:
 def calibrate_run(model: str, ckpt: Path, root: Path, n_images: int) -> tuple[Path, dict]:
     """Choose the run's thresholds on ``n_images`` full training images (never the held-out split)
     with ``cellrcnn.evaluation.calibrate``; returns the calibrated checkpoint and the grid report."""
-    from cellrcnn.evaluate import input_channels
+    from cellrcnn.evaluate import input_settings
     from cellrcnn.evaluation.calibrate import calibrate, load_samples, write_calibrated
     from cellrcnn.modules.base import load_module
 
     module = load_module(ckpt)
     annotations = root / "annotations" / f"{SPLITS[0]}.json"
-    samples = load_samples(annotations, root / "images", input_channels(module), n_images)
+    samples = load_samples(annotations, root / "images", n_images, **input_settings(module))
     start = time.perf_counter()
     update, report = calibrate(module, samples)
     report["seconds"] = time.perf_counter() - start
@@ -243,7 +244,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
     import torch
 
     from cellrcnn.data.coco import CocoInstanceDataset
-    from cellrcnn.evaluate import input_channels
+    from cellrcnn.evaluate import input_settings
     from cellrcnn.modules.base import load_module
 
     torch.set_num_threads(threads)
@@ -259,7 +260,7 @@ def evaluate_all(models: list[str], runs: Path, root: Path, threads: int, limit:
             reused = reused_calibration(ckpt) if reuse_calibration else None
             ckpt, calibration = reused or calibrate_run(model, ckpt, root, calibration_images)
         module = load_module(ckpt)
-        dataset = CocoInstanceDataset(ann, image_root=root / "images", channels=input_channels(module))
+        dataset = CocoInstanceDataset(ann, image_root=root / "images", **input_settings(module))
         dataset.images = dataset.images[:limit] if limit else dataset.images
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         metrics = evaluate_predictor(dataset, lambda im, m=module: m.predict_instances([im])[0], model, groups)

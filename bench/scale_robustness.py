@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from cellrcnn.data.coco import CocoInstanceDataset
     from cellrcnn.data.masks import masks_to_label_image
-    from cellrcnn.evaluate import input_channels
+    from cellrcnn.evaluate import input_settings
     from cellrcnn.evaluation.evaluator import Evaluator
     from cellrcnn.inference import predict_image
     from cellrcnn.inference.scale import predict_at_diameter, resize_image, resize_labels
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     model = load_module(args.ckpt)
     if model.object_diameter is None:
         raise SystemExit(f"{args.ckpt}: no object_diameter recorded; package it with bench/ship_model.py")
-    channels = input_channels(model)
-    ds = CocoInstanceDataset(args.root / "annotations" / f"{args.split}.json", image_root=args.root / "images", channels=channels)
+    settings = input_settings(model)
+    ds = CocoInstanceDataset(args.root / "annotations" / f"{args.split}.json", image_root=args.root / "images", **settings)
     n = min(len(ds), args.limit or len(ds))
 
     def predict_native(raw):
-        return predict_image(raw, model.predict_instances, channels, 1024, 128, progress=False)
+        return predict_image(raw, model.predict_instances, tile_size=1024, overlap=128, progress=False, **settings)
 
     factors = [float(f) for f in args.factors.split(",")]
     evaluators = {(f, mode): Evaluator(coco=False) for f in factors for mode in ("native", "auto")}

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         "file": args.dst.name, "size_MB": round(args.dst.stat().st_size / 1e6, 2), "stored_dtype": dtype,
         "module": type(model).__name__, "parameters": n_params,
         "input_channels": int(dict(model.hparams).get("net", {}).get("in_channels", 3)),
+        "invert_bright": model.invert_bright,
         "object_diameter_px": round(model.object_diameter, 1),
         "trained_on": f"BBBC038 / DSB2018 stage1_train (community-fixed masks), {meta['n_train']} images "
                       f"(90 % by sha256('{meta['split_salt']}:'+ImageId)), from scratch",
@@ -131,13 +132,15 @@ def main(argv: list[str] | None = None) -> None:
         f", chosen after training on {card['calibration_images']} full training images by "
         "`python -m cellrcnn.evaluation.calibrate`" if card["decision_thresholds"] else ""
     )
+    inversion_note = ("; images with a bright background, such as brightfield and H&E, are inverted"
+                      if card["invert_bright"] else "")
     rows = "\n".join(f"| {k} | {v} |" for k, v in card["heldout_metrics"].items())
     (args.dst.parent / "README.md").write_text(f"""# Shipped nuclei model (`nuclei.ckpt`)
 
 `python predict.py input=FILE_OR_DIR output=DIR` uses this model when no `ckpt_path` is given.
 
 - Model: {card['module']} ({n_params / 1e6:.1f} M parameters), {card['input_channels']}-channel input
-  (RGB images are averaged to grey; every image is percentile-normalised).
+  (RGB images are averaged to grey; every image is percentile-normalised{inversion_note}).
 - Trained on: {card['trained_on']}.
 - Training: `{card['training_command']}`
   ({card['training_budget_min']:g} min wall-clock budget on a CPU, {card['global_step']} optimiser steps),

@@ -41,6 +41,12 @@ def input_channels(model: torch.nn.Module) -> int:
     return int(dict(model.hparams).get("net", {}).get("in_channels", 3))
 
 
+def input_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """How images are prepared for a trained module: keyword arguments of
+    :func:`cellrcnn.io.prepare_image`, ``CocoInstanceDataset`` and ``predict_image``."""
+    return {"channels": input_channels(model), "invert_bright": bool(getattr(model, "invert_bright", False))}
+
+
 def set_score_threshold(model: torch.nn.Module, threshold: float | None) -> None:
     """Override a module's detection score threshold (modules without one are left as they are)."""
     if threshold is None:
@@ -69,16 +75,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     model = load_module(cfg.ckpt_path)
     set_score_threshold(model, cfg.get("score_threshold"))
-    datamodule = instantiate(cfg.data, channels=input_channels(model))
+    datamodule = instantiate(cfg.data, **input_settings(model))
     datamodule.prepare_data()
     annotations = datamodule.annotation_file(cfg.split)
-    dataset = CocoInstanceDataset(annotations, image_root=datamodule.root / "images", channels=input_channels(model))
+    dataset = CocoInstanceDataset(annotations, image_root=datamodule.root / "images", **input_settings(model))
 
     diameter = cfg.get("diameter")
     check_diameter(diameter, model.object_diameter, str(cfg.ckpt_path))
 
     def predict_native(raw):  # the whole image at once, as predict_instances on the dataset's image
-        return predict_image(raw, model.predict_instances, input_channels(model), max(raw.shape[:2]), 0, progress=False)
+        return predict_image(raw, model.predict_instances, tile_size=max(raw.shape[:2]), overlap=0, progress=False,
+                             **input_settings(model))
 
     evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))))
     for i in range(len(dataset)):

@@ -6,7 +6,9 @@ corrupt file in a folder of thousands is found at once.
 Contracts (see DESIGN.md):
 - ``read_image`` returns the raw pixels, H×W or H×W×C, any dtype, alpha dropped.
 - ``load_image`` returns the model input: float32 C×H×W, C = 1 or 3, normalised
-  per image to the 1st–99.8th percentile, whatever the bit depth.
+  per image to the 1st–99.8th percentile, whatever the bit depth; with ``invert_bright`` an
+  image with a bright background (brightfield, H&E) is inverted, so objects are always the
+  bright ones, as in fluorescence.
 - Label images are 2-D integer arrays, 0 = background, objects 1..N.
 """
 
@@ -112,17 +114,31 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return image.mean(axis=-1, keepdims=True)
 
 
-def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Model input from a file: float32 C×H×W, percentile-normalised."""
+def load_image(path: str | Path, channels: int = 3, invert_bright: bool = False) -> np.ndarray:
+    """Model input from a file: float32 C×H×W, percentile-normalised (see :func:`prepare_image`)."""
     raw = read_image(path)
     if raw.dtype == bool:
         raw = raw.astype(np.uint8)
-    return prepare_image(raw, channels)
+    return prepare_image(raw, channels, invert_bright)
 
 
-def prepare_image(raw: np.ndarray, channels: int = 3) -> np.ndarray:
-    """Raw H×W(×C) pixels -> float32 C×H×W normalised model input."""
+def bright_background(image: np.ndarray) -> bool:
+    """Whether a percentile-normalised image shows dark objects on a bright background
+    (brightfield, H&E): its median, i.e. the background of any image that objects cover less
+    than half of, lies in the upper half of its intensity range."""
+    return float(np.median(image)) > 0.5
+
+
+def prepare_image(raw: np.ndarray, channels: int = 3, invert_bright: bool = False) -> np.ndarray:
+    """Raw H×W(×C) pixels -> float32 C×H×W normalised model input.
+
+    ``invert_bright``: an image with a bright background becomes ``1 - image``, so every
+    modality reaches the model as bright objects on a dark background. Decided on the whole
+    image (a training crop or a tile could be mostly object).
+    """
     image = normalize_percentile(to_channels(np.asarray(raw), channels))
+    if invert_bright and bright_background(image):
+        image = 1.0 - image
     return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
 
 

@@ -70,7 +70,7 @@ def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
-    from .evaluate import input_channels, set_score_threshold
+    from .evaluate import input_settings, set_score_threshold
     from .inference import coco_results, measure, predict_image, write_coco_results, write_exports
     from .inference.scale import check_diameter, predict_at_diameter
     from .modules.base import load_module
@@ -83,14 +83,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = load_module(ckpt_path)
     set_score_threshold(model, cfg.get("score_threshold"))
     check_diameter(cfg.get("diameter"), model.object_diameter, str(ckpt_path))
-    channels = input_channels(model)
+    settings = input_settings(model)  # channels, and inversion of bright backgrounds
     images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
 
     def predict_native(raw):
         # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
         # with whole-image percentiles (cellrcnn.inference.tiling)
         return predict_image(
-            raw, model.predict_instances, channels, int(cfg.tile_size), int(cfg.tile_overlap), progress=True
+            raw, model.predict_instances, tile_size=int(cfg.tile_size), overlap=int(cfg.tile_overlap), progress=True,
+            **settings,
         )
 
     summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "images": [], "skipped": []}

@@ -46,14 +46,14 @@ def calibrate_thresholds(
     then save ``checkpoints/calibrated.ckpt`` and ``calibration.json``; False when there are no
     validation images. Every DDP rank computes the same choice from the same images, so no
     broadcast is needed."""
-    from .evaluate import input_channels
+    from .evaluate import input_settings
     from .evaluation.calibrate import calibrate, load_samples
 
     annotations = datamodule.annotation_file("val")
     if not annotations.is_file():
         print(f"no validation annotations at {annotations}: thresholds left as configured")
         return False
-    samples = load_samples(annotations, datamodule.root / "images", input_channels(model), n_images)
+    samples = load_samples(annotations, datamodule.root / "images", n_images, **input_settings(model))
     if not samples:
         return False
     update, report = calibrate(model, samples)

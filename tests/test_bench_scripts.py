@@ -163,17 +163,26 @@ def test_scale_robustness_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")
-def test_watershed_smoothing_smoke(tmp_path):
-    """Every factor is scored on both splits and the choice is the best on the training split."""
+def test_watershed_sweep_smoke(tmp_path):
+    """Every grid point is scored on both splits and the choice is the best on the training split."""
     from cellrcnn.data.synthetic import generate_dataset
 
     root = generate_dataset(tmp_path / "syn", n_train=2, n_val=1, n_test=1, size=96, seed=4)
-    result = _load_script("watershed_smoothing").main(
+    result = _load_script("watershed_sweep").main(
         ["--ckpt", str(WEIGHTS), "--root", str(root), "--train-split", "train", "--held-out-split", "test",
-         "--factors", "0,0.1", "--threads", "1", "--out", str(tmp_path)]
+         "--grid", "smooth_per_diameter=0,0.1", "--grid", "boundary_weight=0,0.5", "--name", "sweep",
+         "--threads", "1", "--out", str(tmp_path)]
     )
-    assert [r["smooth_per_diameter"] for r in result["rows"]] == [0.0, 0.1]
+    points = [(r["smooth_per_diameter"], r["boundary_weight"]) for r in result["rows"]]
+    assert points == [(0.0, 0.0), (0.0, 0.5), (0.1, 0.0), (0.1, 0.5)]
     assert result["n_train"] == 2 and result["n_held_out"] == 1
     assert result["chosen"] == max(result["rows"], key=lambda r: r["train"])
     assert all(0.0 <= r[k] <= 1.0 for r in result["rows"] for k in ("train", "held_out"))
-    assert "| 0.10 |" in (tmp_path / "watershed_smoothing.md").read_text()
+    assert "| 0.10 | 0.50 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_watershed_sweep_grid_parsing():
+    sweep = _load_script("watershed_sweep")
+    assert sweep.parse_grid(["h=0.02,0.05", "boundary_weight=1"]) == {"h": [0.02, 0.05], "boundary_weight": [1.0]}
+    with pytest.raises(SystemExit, match="NAME=V1"):
+        sweep.parse_grid(["h"])

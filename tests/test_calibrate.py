@@ -91,6 +91,38 @@ def test_unet_calibration_chooses_an_object_score_that_drops_debris():
     assert len(pred["scores"]) == 2 and float(pred["scores"].min()) >= 0.8
 
 
+def touching_squares(size: int = 64) -> tuple[torch.Tensor, dict]:
+    """Two annotated 12×12 squares side by side, sharing an edge."""
+    masks = np.zeros((2, size, size), np.uint8)
+    masks[0, 20:32, 10:22] = 1
+    masks[1, 20:32, 22:34] = 1
+    target = {"masks": torch.from_numpy(masks), "boxes": torch.tensor([[10.0, 20, 22, 32], [22, 20, 34, 32]])}
+    return torch.zeros(1, size, size), target
+
+
+class OneDomeOverTwo(UNetModule):
+    """Exact class maps of the touching squares, but one distance dome over both (a blurry
+    distance head): only the boundary class tells them apart."""
+
+    def predict_maps(self, image, tta=None):
+        _, target = touching_squares()
+        classes, _ = targets_to_unet_maps(target["masks"].numpy())
+        probs = np.stack([classes == k for k in range(3)]).astype(np.float32)
+        yy, xx = np.mgrid[: classes.shape[0], : classes.shape[1]]
+        dome = np.clip(1 - ((xx - 21.5) / 14.0) ** 2 - ((yy - 25.5) / 8.0) ** 2, 0, 1) * (classes > 0)
+        return probs, dome.astype(np.float32)
+
+
+def test_unet_calibration_weighs_the_boundary_to_split_touching_objects():
+    module = OneDomeOverTwo(net={"in_channels": 1, "base_width": 8, "depth": 2}, postprocess={"fg_threshold": 0.5})
+    update, report = calibrate(module, [touching_squares()])
+    assert report["previous"]["boundary_weight"] == 0.0
+    assert report["previous_dsb_score"] < 0.1  # one merged object, IoU 0.5 with either square
+    assert update["postprocess"]["boundary_weight"] == 0.5  # the lowest grid weight that splits them
+    assert report["dsb_score"] > 0.5
+    assert len(module.predict_instances([touching_squares()[0]])[0]["scores"]) == 2
+
+
 def test_calibrated_checkpoint_round_trip(tmp_path):
     module = MaskRCNNModule(net=TINY, score_threshold=0.5, mask_threshold=0.5)
     ckpt = tmp_path / "model.ckpt"

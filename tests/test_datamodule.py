@@ -213,3 +213,18 @@ def test_appearance_balance_draws_the_rare_group_more_often(mixed_root):
     assert 0.25 < draws.count(6) / len(draws) < 0.37
     with pytest.raises(ValueError, match="balance"):
         CellDataModule(mixed_root, balance="modality")
+
+
+def test_invert_bright_gives_every_modality_bright_nuclei(mixed_root):
+    """The stained field (purple nucleus on pink-white) reaches the model inverted, nucleus bright;
+    the fluorescence fields are unchanged."""
+    samples = {}
+    for invert in (False, True):
+        dm = CellDataModule(mixed_root, val_split=None, test_split=None, augment=False, channels=1, invert_bright=invert)
+        dm.setup("fit")
+        samples[invert] = [dm.datasets["train"][i][0][0].numpy() for i in range(6)]
+    stained = samples[True][5]
+    assert stained[20:40, 20:40].mean() > 0.9 and stained[:20].mean() < 0.1
+    assert samples[False][5][20:40, 20:40].mean() < 0.1
+    for i in range(5):
+        np.testing.assert_array_equal(samples[True][i], samples[False][i])

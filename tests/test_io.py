@@ -9,6 +9,7 @@ from PIL import Image
 
 from cellrcnn.io import (
     ImageReadError,
+    bright_background,
     image_files,
     label_dtype,
     load_image,
@@ -109,6 +110,21 @@ def test_prepare_image_channels():
     np.testing.assert_allclose(one[0], expected, atol=1e-5)
     with pytest.raises(ValueError):
         prepare_image(GREY8, 2)
+
+
+def test_invert_bright_turns_dark_nuclei_on_bright_background_into_bright_ones():
+    """Brightfield/H&E-like: dark disks on a bright field become bright on dark; a fluorescence-like
+    image (and any image without the option) is left as it is."""
+    yy, xx = np.mgrid[:64, :64]
+    disks = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64) | ((yy - 44) ** 2 + (xx - 40) ** 2 < 81)
+    stained = np.where(disks[..., None], [90, 40, 140], [235, 225, 240]).astype(np.uint8)  # purple on white
+    fluorescence = np.where(disks, 180, 12).astype(np.uint16)
+    image = prepare_image(stained, 1, invert_bright=True)
+    assert bright_background(prepare_image(stained, 1)) and not bright_background(image)
+    assert image[0][disks].min() > 0.9 and image[0][~disks].max() < 0.1
+    np.testing.assert_allclose(image, 1.0 - prepare_image(stained, 1), atol=1e-6)
+    np.testing.assert_array_equal(prepare_image(fluorescence, 1, invert_bright=True), prepare_image(fluorescence, 1))
+    assert prepare_image(stained, 3, invert_bright=True)[:, disks].mean() > 0.5
 
 
 @pytest.mark.parametrize("top, dtype", [(300, np.uint16), (70_000, np.uint32)])

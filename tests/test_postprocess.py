@@ -110,6 +110,25 @@ def test_smoothing_follows_object_size():
     assert median_diameter(np.zeros((8, 8), bool)) == 0.0
 
 
+def test_boundary_weight_splits_touching_nuclei_under_one_distance_dome():
+    """Two touching disks whose predicted distance is one dome over both (as a blurry distance
+    head gives): one object from the distance alone, two once the boundary class marking their
+    contact line is subtracted; a lone disk stays one object."""
+    shape = (64, 80)
+    gt = np.stack([disk(shape, 32, 28, 10), disk(shape, 32, 46, 10)])
+    gt[1][gt[0] > 0] = 0
+    class_map, _ = targets_to_unet_maps(gt)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    dome = np.clip(1 - ((xx - 37) / 20.0) ** 2 - ((yy - 32) / 11.0) ** 2, 0, 1) * (class_map > 0)
+    merged, _ = unet_outputs_to_labels(ideal_probs(class_map), dome, boundary_weight=0.0)
+    split, _ = unet_outputs_to_labels(ideal_probs(class_map), dome, boundary_weight=0.5)
+    assert merged.max() == 1 and split.max() == 2
+    assert min(best_ious(gt, [split == 1, split == 2])) > 0.8
+    lone_map, lone_distance = targets_to_unet_maps(gt[:1])
+    lone, _ = unet_outputs_to_labels(ideal_probs(lone_map), lone_distance, boundary_weight=0.5)
+    assert lone.max() == 1 and iou(lone, gt[0]) > 0.95
+
+
 def test_min_score_drops_uncertain_objects_and_renumbers():
     probs = np.zeros((3, 20, 30), np.float32)
     probs[0] = 1.0

@@ -137,6 +137,35 @@ def test_predict_and_evaluate_at_a_given_diameter(trained, tmp_path):
         predict_run(cfg)
 
 
+def test_predict_inverts_bright_backgrounds_for_a_model_trained_so(trained, tmp_path):
+    """The checkpoint records the data module's ``invert_bright``; with it set, predict.py gives a
+    dark-on-bright picture exactly the labels of the same picture bright-on-dark (two grey levels,
+    so percentile normalisation maps both to the same input)."""
+    import torch
+
+    ckpt, _ = trained
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["hyper_parameters"]["invert_bright"] is False  # recorded from the data module
+    saved["hyper_parameters"]["invert_bright"] = True
+    torch.save(saved, tmp_path / "inverted.ckpt")
+    yy, xx = np.mgrid[:96, :96]
+    disks = ((yy - 30) ** 2 + (xx - 30) ** 2 < 100) | ((yy - 60) ** 2 + (xx - 66) ** 2 < 144)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.where(disks, 40, 215).astype(np.uint8)).save(folder / "bright.png")
+    Image.fromarray(np.where(disks, 215, 40).astype(np.uint8)).save(folder / "dark.png")
+
+    def labels(checkpoint, out):
+        predict_run(compose_config("predict", [f"ckpt_path={checkpoint}", f"input={folder}", f"output={tmp_path / out}",
+                                               "score_threshold=0.0", "overlays=false"], tmp_path))
+        return {stem: read_label_image(tmp_path / out / f"{stem}.tif") for stem in ("bright", "dark")}
+
+    inverted, plain = labels(tmp_path / "inverted.ckpt", "inverted"), labels(ckpt, "plain")
+    assert plain["dark"].max() > 0 and not np.array_equal(plain["bright"], plain["dark"])
+    np.testing.assert_array_equal(inverted["bright"], plain["dark"])
+    np.testing.assert_array_equal(inverted["dark"], plain["dark"])
+
+
 def test_predict_single_non_image_names_the_file(trained, tmp_path):
     ckpt, _ = trained
     bad = tmp_path / "table.csv"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -216,6 +217,29 @@ def test_predict_image_tiles_large_raw_images_only():
     assert len(calls) == 16 and calls[0] == (1, 256, 256)  # starts 0, 192, 384, 444 per axis
     best, n_pred = match_iou(threshold_labels(image), tiled)
     assert n_pred == best.size and (best >= 0.9).all()
+
+
+def test_invert_bright_is_decided_on_the_whole_image_in_both_paths():
+    """Dark disks on a bright field (brightfield-like, 16-bit): with ``invert_bright`` a
+    bright-object segmenter finds every disk, tiled or not, although a tile may be mostly disk;
+    without it the background is the object."""
+    from cellrcnn.inference.tiling import predict_image
+
+    image, _ = disk_image(seed=7, size=700)
+    raw = (30000 - image[0] * 20000).astype(np.uint16)
+    fn = predict_fn_from_label_fn(threshold_labels)
+    for tile_size in (1024, 256):  # one tile (prepare_image), 4×4 tiles (predict_tiled)
+        labels, _ = predict_image(raw, fn, channels=1, tile_size=tile_size, overlap=64, progress=False,
+                                  invert_bright=True)
+        best, n_pred = match_iou(threshold_labels(image), labels)
+        assert n_pred == best.size and (best >= 0.9).all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the background, taken for an object, crosses tiles
+            plain, _ = predict_image(raw, fn, channels=1, tile_size=tile_size, overlap=64, progress=False)
+        assert match_iou(threshold_labels(image), plain)[0].max() < 0.5  # no disk found
+    dark = (2000 + image[0] * 20000).astype(np.uint16)  # fluorescence-like: never inverted
+    labels, _ = predict_image(dark, fn, channels=1, tile_size=256, overlap=64, progress=False, invert_bright=True)
+    assert np.array_equal(labels > 0, threshold_labels(image) > 0)
 
 
 def test_overlapping_masks_resolved_by_score_and_hidden_objects_dropped():

@@ -83,6 +83,7 @@ class CocoInstanceDataset(Dataset):
         annotation_file: COCO instance JSON.
         image_root: folder of the images; default ``<annotation_file>/../../images``.
         channels: 1 or 3 model input channels (grey repeated, colour averaged).
+        invert_bright: invert images with a bright background (see :func:`cellrcnn.io.prepare_image`).
         transforms: optional ``t(image C×H×W float32, target dict of numpy) -> (image, target)``.
 
     ``ds[i]`` -> (float32 tensor C×H×W percentile-normalised, Target with N kept instances).
@@ -94,12 +95,14 @@ class CocoInstanceDataset(Dataset):
         image_root: str | Path | None = None,
         channels: int = 3,
         transforms: TransformFn | None = None,
+        invert_bright: bool = False,
     ) -> None:
         self.annotation_file = Path(annotation_file)
         self.image_root = (
             Path(image_root) if image_root is not None else self.annotation_file.parent.parent / "images"
         )
         self.channels = channels
+        self.invert_bright = invert_bright
         self.transforms = transforms
         data = load_coco_json(self.annotation_file)
         self.info = data.get("info", {})
@@ -201,7 +204,7 @@ class CocoInstanceDataset(Dataset):
 
     def load_numpy(self, index: int) -> tuple[np.ndarray, dict]:
         """(image float32 C×H×W, numpy target) before transforms."""
-        image = prepare_image(self.load_raw(index), self.channels)
+        image = prepare_image(self.load_raw(index), self.channels, self.invert_bright)
         return image, self.load_target(index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:

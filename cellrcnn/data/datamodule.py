@@ -151,6 +151,9 @@ class CellDataModule(L.LightningDataModule):
         root: dataset root (COCO layout of DESIGN.md).
         train_split, val_split, test_split: split names (or paths to COCO files); None skips.
         channels: model input channels, 1 or 3.
+        invert_bright: invert images with a bright background (brightfield, H&E) so every
+            modality shows bright objects on dark (see :func:`cellrcnn.io.prepare_image`); the
+            model must be told too (the configs tie ``model.invert_bright`` to this).
         crop_size: training crop in pixels (None: full images); smaller images are zero-padded.
         batch_size: training batch size; ``eval_batch_size`` for val/test (default the same).
         num_workers: DataLoader workers (0 loads in the main process).
@@ -185,11 +188,13 @@ class CellDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         synthetic: dict | None = None,
         balance: str | None = None,
+        invert_bright: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.channels, self.crop_size, self.batch_size = channels, crop_size, batch_size
+        self.invert_bright = bool(invert_bright)
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.augment, self.seed = num_workers, augment, seed
         self.min_area, self.invert_p = min_area, invert_p
@@ -226,7 +231,8 @@ class CellDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> CocoInstanceDataset:
         return CocoInstanceDataset(
-            self.annotation_file(split), image_root=self.root / "images", channels=self.channels
+            self.annotation_file(split), image_root=self.root / "images", channels=self.channels,
+            invert_bright=self.invert_bright,
         )
 
     def setup(self, stage: str | None = None) -> None:

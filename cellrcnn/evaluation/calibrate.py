@@ -6,8 +6,9 @@
 A network's raw outputs are decided into objects by thresholds that training does not learn:
 for Mask R-CNN the detection ``score_threshold`` (false positives cost as much as misses in the
 DSB score) and the ``mask_threshold`` (how far a mask reaches); for the U-Net the foreground
-probability ``fg_threshold``, the watershed seed depth ``h`` (split versus merge), the object
-score ``min_score`` (mean foreground probability) and whether to average over flips (``tta``).
+probability ``fg_threshold``, the watershed seed depth ``h`` and the weight of the boundary class
+in the watershed landscape ``boundary_weight`` (both: split versus merge), the object score
+``min_score`` (mean foreground probability) and whether to average over flips (``tta``).
 Their best values move with the length of training, so they are chosen after it: each image
 runs through the network once (the U-Net also flip-averaged), every grid point is decided from
 the same outputs, and the point with the best mean DSB score wins. Use annotated images that are
@@ -39,6 +40,7 @@ MASK_GRID = (0.4, 0.5, 0.6, 0.7)
 FG_GRID = (0.4, 0.5, 0.6, 0.7)
 H_GRID = (0.02, 0.05, 0.1, 0.2)
 MIN_SCORE_GRID = (0.0, 0.8, 0.85, 0.9)
+BOUNDARY_GRID = (0.0, 0.5, 1.0)
 
 
 def _gt_labels(target: dict) -> np.ndarray:
@@ -78,21 +80,24 @@ def grid_unet(
     fg: Sequence[float] = FG_GRID,
     h: Sequence[float] = H_GRID,
     min_score: Sequence[float] = MIN_SCORE_GRID,
-) -> dict[tuple[bool, float, float, float], float]:
-    """Mean DSB score per ``(tta, fg_threshold, h, min_score)`` of a UNetModule's inference and
-    watershed (one watershed per (tta, fg, h); the score filter is applied to its result)."""
+    boundary_weight: Sequence[float] = BOUNDARY_GRID,
+) -> dict[tuple[bool, float, float, float, float], float]:
+    """Mean DSB score per ``(tta, fg_threshold, h, min_score, boundary_weight)`` of a UNetModule's
+    inference and watershed (one watershed per (tta, fg, h, boundary_weight); the score filter is
+    applied to its result)."""
     from ..models.postprocess import drop_low_scores, unet_outputs_to_labels
 
-    totals = dict.fromkeys(itertools.product(tta, fg, h, min_score), 0.0)
+    totals = dict.fromkeys(itertools.product(tta, fg, h, min_score, boundary_weight), 0.0)
     n = 0
     for image, target in tqdm(samples, desc="calibration", leave=False):
         gt = _gt_labels(target)
         maps = {flag: module.predict_maps(image, tta=flag) for flag in tta}
-        for tta_t, fg_t, h_t in itertools.product(tta, fg, h):
-            settings = {**module.postprocess, "fg_threshold": fg_t, "h": h_t, "seed_method": "hmaxima", "min_score": 0.0}
+        for tta_t, fg_t, h_t, bw in itertools.product(tta, fg, h, boundary_weight):
+            settings = {**module.postprocess, "fg_threshold": fg_t, "h": h_t, "boundary_weight": bw,
+                        "seed_method": "hmaxima", "min_score": 0.0}
             labels, scores = unet_outputs_to_labels(*maps[tta_t], **settings)
             for score_t in min_score:
-                totals[tta_t, fg_t, h_t, score_t] += dsb_score(gt, drop_low_scores(labels, scores, score_t)[0])
+                totals[tta_t, fg_t, h_t, score_t, bw] += dsb_score(gt, drop_low_scores(labels, scores, score_t)[0])
         n += 1
     return {k: v / max(n, 1) for k, v in totals.items()}
 
@@ -110,11 +115,12 @@ def calibrate(module, samples: Sequence[tuple[torch.Tensor, dict]]) -> tuple[dic
         before = (module.score_threshold, module.mask_threshold)
         grid = grid_maskrcnn(module, samples, sorted({*SCORE_GRID, before[0]}), sorted({*MASK_GRID, before[1]}))
     elif isinstance(module, UNetModule):
-        names = ("tta", "fg_threshold", "h", "min_score")
+        names = ("tta", "fg_threshold", "h", "min_score", "boundary_weight")
         pp = module.postprocess
-        before = (module.tta, pp.get("fg_threshold", 0.6), pp.get("h", 0.05), pp.get("min_score", 0.0))
-        grid = grid_unet(module, samples, (False, True), sorted({*FG_GRID, before[1]}), sorted({*H_GRID, before[2]}),
-                         sorted({*MIN_SCORE_GRID, before[3]}))
+        before = (module.tta, pp.get("fg_threshold", 0.6), pp.get("h", 0.05), pp.get("min_score", 0.0),
+                  pp.get("boundary_weight", 0.0))
+        grid = grid_unet(module, samples, (False, True), *(sorted({*values, b}) for values, b in zip(
+            (FG_GRID, H_GRID, MIN_SCORE_GRID, BOUNDARY_GRID), before[1:], strict=True)))
     else:
         raise TypeError(f"no thresholds to calibrate for {type(module).__name__}")
     best = max(grid, key=grid.get)
@@ -153,16 +159,18 @@ def pick_images(n_total: int, limit: int | None) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n_total - 1, limit)})
 
 
-def load_samples(annotations: Path, image_root: Path, channels: int, limit: int | None) -> list[tuple[torch.Tensor, dict]]:
-    """Up to ``limit`` (image, target) pairs spread over a COCO file, full size, as the model sees them."""
+def load_samples(annotations: Path, image_root: Path, limit: int | None, channels: int = 3,
+                 invert_bright: bool = False) -> list[tuple[torch.Tensor, dict]]:
+    """Up to ``limit`` (image, target) pairs spread over a COCO file, full size, prepared as the
+    model sees them (``channels``, ``invert_bright``: see ``cellrcnn.evaluate.input_settings``)."""
     from ..data.coco import CocoInstanceDataset
 
-    dataset = CocoInstanceDataset(annotations, image_root=image_root, channels=channels)
+    dataset = CocoInstanceDataset(annotations, image_root=image_root, channels=channels, invert_bright=invert_bright)
     return [dataset[i] for i in tqdm(pick_images(len(dataset), limit), desc="loading", leave=False)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..evaluate import input_channels
+    from ..evaluate import input_settings
     from ..modules.base import load_module
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     module = load_module(args.ckpt)
     image_root = args.images or args.annotations.resolve().parent.parent / "images"
-    samples = load_samples(args.annotations, image_root, input_channels(module), args.limit)
+    samples = load_samples(args.annotations, image_root, args.limit, **input_settings(module))
     if not samples:
         raise SystemExit(f"{args.annotations}: no images to calibrate on")
     update, report = calibrate(module, samples)

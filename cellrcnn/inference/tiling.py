@@ -75,6 +75,13 @@ def owned_ranges(starts: list[int], tile_size: int, length: int) -> list[tuple[f
     return list(zip([0.0, *mids], [*mids, float(length)], strict=True))
 
 
+def subsample(image: np.ndarray, max_samples: int = 1 << 22) -> np.ndarray:
+    """Float32 strided view of a C×H×W image with at most ``max_samples`` pixels per channel."""
+    h, w = image.shape[-2:]
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    return np.asarray(image[..., ::step, ::step], dtype=np.float32)
+
+
 def estimate_percentiles(
     image: np.ndarray, low: float = 1.0, high: float = 99.8, max_samples: int = 1 << 22
 ) -> tuple[float, float]:
@@ -83,10 +90,7 @@ def estimate_percentiles(
     ``max_samples`` pixels per channel at most, so a 16k×16k image costs a few MB, not a float
     copy of the whole image. A flat image gets a unit range, as in ``normalize_percentile``.
     """
-    h, w = image.shape[-2:]
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
-    sample = np.asarray(image[..., ::step, ::step], dtype=np.float32)
-    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
+    lo, hi = (float(v) for v in np.percentile(subsample(image, max_samples), [low, high]))
     if hi - lo < 1e-6:
         hi = lo + max(1.0, abs(lo))
     return lo, hi
@@ -104,7 +108,7 @@ def _as_chw(image) -> np.ndarray:
 
 
 def _tile_tensor(image: np.ndarray, ys: slice, xs: slice, scale: tuple[float, float] | None,
-                 channels: int | None) -> torch.Tensor:
+                 channels: int | None, invert: bool = False) -> torch.Tensor:
     tile = np.asarray(image[:, ys, xs], dtype=np.float32)
     if scale is not None:
         lo, hi = scale
@@ -116,6 +120,8 @@ def _tile_tensor(image: np.ndarray, ys: slice, xs: slice, scale: tuple[float, fl
             tile = np.repeat(tile, channels, axis=0)
         else:
             raise ValueError(f"cannot turn a {tile.shape[0]}-channel image into {channels} channels")
+    if invert:
+        tile = 1.0 - tile
     return torch.from_numpy(np.ascontiguousarray(tile))
 
 
@@ -203,6 +209,7 @@ def predict_tiled(
     batch_size: int = 1,
     seam_tolerance: float | None = None,
     normalize: bool | None = None,
+    invert_bright: bool = False,
 ) -> TiledPrediction:
     """Instances of a large image by overlapping tiles, merged into one label image.
 
@@ -222,6 +229,9 @@ def predict_tiled(
             most 16); objects inside the band are seen twice and de-duplicated.
         normalize: scale tiles by the whole image's 1st/99.8th percentiles; None: only integer
             images (raw counts), True also for raw float images (e.g. deconvolved TIFFs).
+        invert_bright: invert every tile (``1 - x``) when the whole image has a bright
+            background (:func:`cellrcnn.io.bright_background`), as ``prepare_image`` does for
+            the models trained that way.
 
     Returns:
         ``TiledPrediction(labels uint32 H×W, scores float32 N)``, ``scores[k - 1]`` for label k.
@@ -235,6 +245,7 @@ def predict_tiled(
     if normalize is None:
         normalize = image.dtype.kind != "f"
     scale = estimate_percentiles(image) if normalize else None
+    invert = invert_bright and _bright_background(image, scale)
     tol = min(overlap / 8.0, 16.0) if seam_tolerance is None else float(seam_tolerance)
     ys, xs = tile_starts(height, tile_size, overlap), tile_starts(width, tile_size, overlap)
     own_y, own_x = owned_ranges(ys, tile_size, height), owned_ranges(xs, tile_size, width)
@@ -248,7 +259,7 @@ def predict_tiled(
                 (slice(ys[iy], min(ys[iy] + tile_size, height)), slice(xs[ix], min(xs[ix] + tile_size, width)))
                 for iy, ix in batch
             ]
-            preds = predict_fn([_tile_tensor(image, wy, wx, scale, channels) for wy, wx in windows])
+            preds = predict_fn([_tile_tensor(image, wy, wx, scale, channels, invert) for wy, wx in windows])
             for i, ((iy, ix), (wy, wx)) in enumerate(zip(batch, windows, strict=True)):
                 masks, scores = _tile_masks(preds[i])
                 preds[i] = None  # free the model's N×h×w masks before the next tile
@@ -266,6 +277,16 @@ def predict_tiled(
             stacklevel=2,
         )
     return canvas.finish()
+
+
+def _bright_background(image: np.ndarray, scale: tuple[float, float] | None) -> bool:
+    """:func:`cellrcnn.io.bright_background` of the whole image, from a subsample, as the tiles are scaled."""
+    from cellrcnn.io import bright_background
+
+    sample = subsample(image)
+    if scale is not None:
+        sample = (sample - scale[0]) / (scale[1] - scale[0])
+    return bright_background(sample)
 
 
 def _merge_tile(canvas: _Canvas, masks: np.ndarray, scores: np.ndarray, wy: slice, wx: slice,
@@ -299,13 +320,14 @@ def predict_image(
     tile_size: int = 1024,
     overlap: int = 128,
     progress: bool = True,
+    invert_bright: bool = False,
 ) -> TiledPrediction:
     """Labels and scores of one raw image (H×W or H×W×C, any dtype, as :func:`cellrcnn.io.read_image`
     returns it), tiled when larger than ``tile_size``.
 
     An image that fits one tile gets exactly the evaluation preprocessing
     (:func:`cellrcnn.io.prepare_image`); a larger one stays raw in memory and each tile is
-    normalised with percentiles of the whole image.
+    normalised with percentiles of the whole image. ``invert_bright``: see :func:`cellrcnn.io.prepare_image`.
     """
     from cellrcnn.io import prepare_image
 
@@ -313,9 +335,10 @@ def predict_image(
     if raw.dtype == bool:
         raw = raw.view(np.uint8)
     if max(raw.shape[:2]) <= tile_size:
-        return predict_tiled(prepare_image(raw, channels), predict_fn, tile_size, overlap, progress=False)
+        return predict_tiled(prepare_image(raw, channels, invert_bright), predict_fn, tile_size, overlap, progress=False)
     chw = raw[None] if raw.ndim == 2 else np.moveaxis(raw, -1, 0)  # a view: no copy of a large image
-    return predict_tiled(chw, predict_fn, tile_size, overlap, progress, channels=channels, normalize=True)
+    return predict_tiled(chw, predict_fn, tile_size, overlap, progress, channels=channels, normalize=True,
+                         invert_bright=invert_bright)
 
 
 def predict_fn_from_label_fn(label_fn: Callable[[np.ndarray], np.ndarray], score: float = 1.0) -> PredictFn:

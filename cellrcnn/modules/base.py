@@ -84,6 +84,9 @@ class InstanceSegModule(L.LightningModule):
         coco_metrics: compute COCO AP during validation (pycocotools; slower on big sets).
         object_diameter (a subclass argument, stored with its hyper-parameters): median diameter
             of the training objects in pixels; set from the training annotations when fitting starts.
+        invert_bright (a subclass argument, stored with its hyper-parameters): whether the model
+            was trained on images whose bright backgrounds were inverted (the data module's
+            ``invert_bright``, recorded when fitting starts); inference prepares images the same way.
     """
 
     def __init__(
@@ -175,8 +178,16 @@ class InstanceSegModule(L.LightningModule):
         value = self.hparams.get("object_diameter")
         return float(value) if value else None
 
+    @property
+    def invert_bright(self) -> bool:
+        """Images with a bright background are inverted before this model sees them
+        (:func:`cellrcnn.io.prepare_image`); False in older checkpoints."""
+        return bool(self.hparams.get("invert_bright", False))
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "invert_bright"):
+            self.hparams["invert_bright"] = bool(datamodule.invert_bright)
         if self.object_diameter is None and getattr(datamodule, "splits", {}).get("train"):
             from ..inference.scale import annotation_diameter
 

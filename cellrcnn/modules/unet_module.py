@@ -115,7 +115,7 @@ class UNetModule(InstanceSegModule):
         tta: average the outputs over the image and its three flips at inference (4× the network
             time; the watershed runs once on the averaged maps).
         optim, log_images, iou_thresholds, coco_metrics,
-            object_diameter: see :class:`InstanceSegModule`.
+            object_diameter, invert_bright: see :class:`InstanceSegModule`.
     """
 
     def __init__(
@@ -132,6 +132,7 @@ class UNetModule(InstanceSegModule):
         iou_thresholds: Sequence[float] = (0.5, 0.7),
         coco_metrics: bool = True,
         object_diameter: float | None = None,
+        invert_bright: bool = False,
     ) -> None:
         super().__init__(
             optim=optim,
