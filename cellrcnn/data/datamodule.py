@@ -153,7 +153,7 @@ class CellDataModule(L.LightningDataModule):
         channels: model input channels, 1 or 3.
         invert_bright: invert images with a bright background (brightfield, H&E) so every
             modality shows bright objects on dark (see :func:`cellrcnn.io.prepare_image`); the
-            model must be told too (the configs tie ``model.invert_bright`` to this).
+            model records it when fitting starts, so inference prepares images the same way.
         crop_size: training crop in pixels (None: full images); smaller images are zero-padded.
         batch_size: training batch size; ``eval_batch_size`` for val/test (default the same).
         num_workers: DataLoader workers (0 loads in the main process).
