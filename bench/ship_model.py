@@ -1,7 +1,7 @@
 """Package the best DSB2018 benchmark model as the shipped nuclei model.
 
     python bench/ship_model.py [--results bench/results/dsb2018.json] [--model maskrcnn|unet]
-                               [--dst cellrcnn/weights/nuclei.ckpt] [--max-mb 25]
+                               [--dst cellrcnn/weights/nuclei.ckpt] [--max-mb 25] [--benchmark-command "..."]
 
 Keeps only what :func:`cellrcnn.modules.base.load_module` needs (the weights, the hyper-parameters
 and the module class; no optimiser state, no callbacks), stores the weights as float16 when
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="maskrcnn or unet (default: the higher dsb_score)")
     p.add_argument("--dst", type=Path, default=REPO / "cellrcnn" / "weights" / "nuclei.ckpt")
     p.add_argument("--max-mb", type=float, default=25.0)
+    p.add_argument("--benchmark-command", default=None,
+                   help="the bench/dsb2018.py command that trained it, for the model card "
+                        "(default: python bench/dsb2018.py --budget-min <budget> --models maskrcnn,unet)")
     p.add_argument("--train-annotations", type=Path,
                    default=REPO / "datasets" / "coco" / "bbbc038" / "annotations" / "dsb_train90.json",
                    help="the model's training annotations (object size, for checkpoints that lack it)")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"(90 % by sha256('{meta['split_salt']}:'+ImageId)), from scratch",
         "training_command": "python " + re.sub(r"(=)/\S*/(outputs|datasets)/", r"\1\2/",
                                                training.get("command", "train.py experiment=bbbc038_" + name)),
-        "benchmark_command": f"python bench/dsb2018.py --budget-min {meta['budget_min']:g} --models maskrcnn,unet",
+        "benchmark_command": args.benchmark_command
+        or f"python bench/dsb2018.py --budget-min {meta['budget_min']:g} --models maskrcnn,unet",
         "training_budget_min": meta["budget_min"], "global_step": metrics.get("global_step"),
         "heldout_images": meta["n_val"],
         "heldout_metrics": {k: round(float(metrics[k]), 4) for k in CARD_METRICS if k in metrics},
