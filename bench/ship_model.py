@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     inversion_note = ("; images with a bright background, such as brightfield and H&E, are inverted"
                       if card["invert_bright"] else "")
+    packing_note = ("" if dtype == "float32" else
+                    " (the packed copy differs by at most ~0.4 % of a tensor's largest value)")
     results_md = os.path.relpath(args.results.with_suffix(".md").resolve(), REPO)
     rows = "\n".join(f"| {k} | {v} |" for k, v in card["heldout_metrics"].items())
     (args.dst.parent / "README.md").write_text(f"""# Shipped nuclei model (`nuclei.ckpt`)
@@ -162,10 +164,10 @@ Held-out 10 % of the DSB2018 stage-1 training set ({card['heldout_images']} full
 |---|---|
 {rows}
 
-These are the float32 weights' metrics before packing (the packed copy differs by at most ~0.4 % of
-a tensor's largest value); `bench/results/heldout_predict.md` scores the packed file through
+These are the float32 weights' metrics before packing{packing_note}; `bench/results/heldout_predict.md` scores the packed file through
 `predict.py`. `infer_s_per_image` is CPU wall time per image. `{results_md}` compares it
-with the other model and with Otsu + watershed: check that comparison before relying on this model. Expect lower scores on modalities absent from DSB2018 (e.g. phase
+with the other models of its run and with Otsu + watershed (the README's Results section with all
+runs): check that comparison before relying on this model. Expect lower scores on modalities absent from DSB2018 (e.g. phase
 contrast, whole cells); for those, train on your own annotations with `train.py`.
 """)
     print(json.dumps(card, indent=1))
