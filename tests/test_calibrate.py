@@ -15,13 +15,18 @@ from cellrcnn.modules.unet_module import UNetModule
 TINY = {"backbone": "resnet18", "preset": "cell", "returned_layers": [1, 2, 3], "fpn_channels": 32}
 
 
-def squares(size: int = 64) -> tuple[torch.Tensor, dict]:
-    """Two annotated 12×12 squares."""
-    masks = np.zeros((2, size, size), np.uint8)
-    masks[0, 10:22, 10:22] = 1
-    masks[1, 40:52, 30:42] = 1
-    target = {"masks": torch.from_numpy(masks), "boxes": torch.tensor([[10.0, 10, 22, 22], [30, 40, 42, 52]])}
-    return torch.zeros(1, size, size), target
+def annotated_squares(*corners: tuple[int, int], size: int = 64, side: int = 12) -> tuple[torch.Tensor, dict]:
+    """A blank image and its annotation: ``side``×``side`` squares at top-left corners (y, x)."""
+    masks = np.zeros((len(corners), size, size), np.uint8)
+    for mask, (y, x) in zip(masks, corners, strict=True):
+        mask[y : y + side, x : x + side] = 1
+    boxes = torch.tensor([[x, y, x + side, y + side] for y, x in corners], dtype=torch.float32)
+    return torch.zeros(1, size, size), {"masks": torch.from_numpy(masks), "boxes": boxes}
+
+
+def squares() -> tuple[torch.Tensor, dict]:
+    """Two annotated 12×12 squares apart."""
+    return annotated_squares((10, 10), (40, 30))
 
 
 class FixedDetections(MaskRCNNModule):
@@ -91,13 +96,9 @@ def test_unet_calibration_chooses_an_object_score_that_drops_debris():
     assert len(pred["scores"]) == 2 and float(pred["scores"].min()) >= 0.8
 
 
-def touching_squares(size: int = 64) -> tuple[torch.Tensor, dict]:
+def touching_squares() -> tuple[torch.Tensor, dict]:
     """Two annotated 12×12 squares side by side, sharing an edge."""
-    masks = np.zeros((2, size, size), np.uint8)
-    masks[0, 20:32, 10:22] = 1
-    masks[1, 20:32, 22:34] = 1
-    target = {"masks": torch.from_numpy(masks), "boxes": torch.tensor([[10.0, 20, 22, 32], [22, 20, 34, 32]])}
-    return torch.zeros(1, size, size), target
+    return annotated_squares((20, 10), (20, 22))
 
 
 class OneDomeOverTwo(UNetModule):
