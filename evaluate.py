@@ -1,15 +1,6 @@
-"""Score a checkpoint on a dataset split: python evaluate.py ckpt_path=CKPT data=synthetic (conf/evaluate.yaml)."""
+"""Score a checkpoint on a dataset split: python evaluate.py ckpt_path=CKPT data=synthetic (cellrcnn/conf/evaluate.yaml)."""
 
-import hydra
-from omegaconf import DictConfig
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    from cellrcnn.evaluate import run
-
-    run(cfg)
-
+from cellrcnn.cli import evaluate as main
 
 if __name__ == "__main__":
     main()

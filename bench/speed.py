@@ -9,8 +9,8 @@ Measures, on synthetic nuclei fields (``cellrcnn.data.synthetic.render_image``):
 - inference ms per 256×256 image and per megapixel (a ``--big``×``--big`` field), the U-Net
   including its watershed post-processing, the Mask R-CNNs including mask pasting.
 
-The models: the cell preset as ``conf/model/maskrcnn_cell.yaml`` composes it, the U-Net as
-``conf/model/unet.yaml``, and ``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None,
+The models: the cell preset as ``cellrcnn/conf/model/maskrcnn_cell.yaml`` composes it, the U-Net as
+``cellrcnn/conf/model/unet.yaml``, and ``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None,
 weights_backbone=None)`` with its default settings (it resizes inputs to min_size 800).
 
 Detections: with random weights a detector's score threshold decides how much mask-head work it
@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cellrcnn.config import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,11 +54,11 @@ def synthetic_sample(seed: int, size: int, channels: int = 3) -> tuple[torch.Ten
 
 
 def compose_model(name: str, channels: int = 3):
-    """Instantiate ``conf/model/<name>.yaml`` exactly as ``train.py`` would."""
+    """Instantiate ``cellrcnn/conf/model/<name>.yaml`` exactly as ``train.py`` would."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}", "data=synthetic", f"data.channels={channels}"])
     return instantiate(cfg.model)
 

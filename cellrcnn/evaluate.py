@@ -110,3 +110,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(table)
     print(f"\n{len(dataset)} images in {time.perf_counter() - start:.1f} s; results in {out_dir}")
     return metrics
+
+
+if __name__ == "__main__":  # python -m cellrcnn.evaluate
+    from cellrcnn.cli import evaluate as main
+
+    main()

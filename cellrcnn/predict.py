@@ -134,3 +134,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for s in summary["skipped"]:
             print(f"  {s['error']}")
     return summary
+
+
+if __name__ == "__main__":  # python -m cellrcnn.predict
+    from cellrcnn.cli import predict as main
+
+    main()

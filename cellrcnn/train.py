@@ -1,7 +1,7 @@
 """``python train.py``: fit a model on a dataset, then evaluate it on the test split.
 
 Only :func:`run` sees the Hydra config; everything it builds is a ``_target_`` with explicit
-keyword arguments (``conf/``).
+keyword arguments (``cellrcnn/conf/``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
+from .config import CONF_DIR, compose_config  # noqa: F401  (re-exported for notebooks and tests)
 from .evaluate import metrics_table
 from .viz import save_png
 
@@ -115,28 +116,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+if __name__ == "__main__":  # python -m cellrcnn.train
+    from cellrcnn.cli import train as main
 
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(
-    config_name: str = "train", overrides: list[str] | tuple[str, ...] = (), output_dir: str | Path | None = None
-) -> DictConfig:
-    """The config ``python <config_name>.py <overrides>`` would run with, for notebooks and tests.
-
-    ``output_dir`` stands in for Hydra's run folder (``${hydra:runtime.output_dir}``).
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(Path(output_dir or Path.cwd()).resolve())
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    main()

@@ -159,12 +159,11 @@ def test_fast_dev_run_and_checkpoint_round_trip(tmp_path):
 
 
 def test_hydra_experiment_builds_the_unet():
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    from cellrcnn.config import CONF_DIR as conf
+
     with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
         cfg = compose("train", overrides=["experiment=synthetic_unet"])
     assert cfg.name == "synthetic_unet" and cfg.data.synthetic is not None

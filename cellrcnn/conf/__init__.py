@@ -1,0 +1,1 @@
+"""Hydra configs of cellrcnn (a package so Hydra finds them in an installed wheel)."""
