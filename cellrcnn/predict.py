@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from .io import IMAGE_SUFFIXES, ImageReadError, read_image
+from .io import IMAGE_SUFFIXES, ImageReadError, atomic_write, protect_inputs, read_image
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "nuclei.ckpt"
 MIN_CELLS_FOR_ANOMALY = 30  # fewer cells cannot define what a typical shape is
@@ -70,46 +70,40 @@ def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
-    from .evaluate import input_settings, set_score_threshold
-    from .inference import coco_results, measure, predict_image, write_coco_results, write_exports
-    from .inference.scale import check_diameter, predict_at_diameter
-    from .modules.base import load_module
+    from .api import Segmenter
+    from .inference import coco_results, measure, write_coco_results, write_exports
+    from .inference.exports import free_stem
+    from .inference.scale import check_diameter
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
-    model = load_module(ckpt_path)
-    set_score_threshold(model, cfg.get("score_threshold"))
-    check_diameter(cfg.get("diameter"), model.object_diameter, str(ckpt_path))
-    settings = input_settings(model)  # channels, and inversion of bright backgrounds
+    # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api)
+    segmenter = Segmenter.from_checkpoint(ckpt_path, tile_size=int(cfg.tile_size), tile_overlap=int(cfg.tile_overlap),
+                                          score_threshold=cfg.get("score_threshold"))
+    check_diameter(cfg.get("diameter"), segmenter.object_diameter, str(ckpt_path))
     images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
-
-    def predict_native(raw):
-        # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
-        # with whole-image percentiles (cellrcnn.inference.tiling)
-        return predict_image(
-            raw, model.predict_instances, tile_size=int(cfg.tile_size), overlap=int(cfg.tile_overlap), progress=True,
-            **settings,
-        )
+    protect_inputs([*images, *others])  # no output may replace an input (same folder, symlinks)
 
     summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "images": [], "skipped": []}
     results, tables, stems, shapes = [], [], set(), {}
     for path in images:
         try:
-            raw = read_image(path)
+            raw = read_image(path, channel=cfg.get("channel"), plane=cfg.get("plane"))
         except ImageReadError as exc:
             if Path(cfg.input).is_file():
                 raise  # a single input: the error (naming the file) is the answer
             summary["skipped"].append({"file": str(path), "error": str(exc)})
             print(f"skipped {exc}")
             continue
-        labels, scores, scaling = predict_at_diameter(raw, predict_native, cfg.get("diameter"), model.object_diameter)
+        result = segmenter.segment(raw, diameter=cfg.get("diameter"), name=path.name, progress=True)
+        labels, scores, scaling = result.labels, result.scores, result.info
         if scaling["factor"] != 1.0:
             print(f"{path.name}: predicted at {scaling['factor']:g}x size (objects resized to the model's "
-                  f"{model.object_diameter:.1f} px)")
-        stem = path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}"
+                  f"{segmenter.object_diameter:.1f} px)")
+        stem = free_stem(out, path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}", stems)
         stems.add(stem)
         image_id = len(summary["images"]) + 1
         objects = coco_results(labels, image_id, scores)
@@ -128,11 +122,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("measure"):
         write_measurements(out, tables, shapes, cfg)
     summary["ignored"] = [str(p) for p in others]
-    (out / "predictions.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if summary["skipped"]:
         print(f"{len(summary['skipped'])} file(s) could not be read and were skipped:")
         for s in summary["skipped"]:
             print(f"  {s['error']}")
+    if images and not summary["images"]:  # nothing was predicted: a failed run, not a success
+        raise RuntimeError(f"all {len(images)} input file(s) of {cfg.input} were skipped (see above)")
     return summary
 
 

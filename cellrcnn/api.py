@@ -1,0 +1,213 @@
+"""The Python API: a trained model as an object that segments images in one call.
+
+    from cellrcnn import Segmenter
+    result = Segmenter.from_pretrained("nuclei").segment("image.png")
+    print(result.n_objects, result.table.area_px.mean())
+
+A :class:`Segmenter` wraps a checkpoint together with everything ``predict.py`` does around the
+network: reading the file, preparing the image as the model was trained (percentile
+normalisation, channels, ``invert_bright``), resizing to the training object size
+(``diameter``), tiling of large images, and the decision thresholds recorded in the checkpoint.
+``predict.py``, the HTTP service (:mod:`cellrcnn.serve`) and notebooks all go through it, so they
+give the same label image for the same input.
+
+Shipped models are the ``<name>.ckpt`` files of ``cellrcnn/weights`` (each with a ``<name>.json``
+model card); :func:`available_models` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+__all__ = ["Result", "Segmenter", "available_models", "model_card", "WEIGHTS_DIR"]
+
+
+def available_models(weights_dir: str | Path | None = None) -> dict[str, Path]:
+    """``{name: checkpoint path}`` of the shipped models (every ``<name>.ckpt`` in ``weights_dir``)."""
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    return {p.stem: p for p in sorted(folder.glob("*.ckpt"))} if folder.is_dir() else {}
+
+
+def model_card(name: str, weights_dir: str | Path | None = None) -> dict[str, Any]:
+    """The ``<name>.json`` card of a shipped model (training data, thresholds, held-out metrics);
+    ``{}`` when the model ships without one. Unknown names raise a ValueError listing the models."""
+    models = available_models(weights_dir)
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(models) or 'none'}")
+    card = models[name].with_suffix(".json")
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def as_image(image: np.ndarray, channel: int | None = None) -> np.ndarray:
+    """An in-memory image -> raw H×W or H×W×3 pixels, as :func:`cellrcnn.io.read_image` gives a file.
+
+    Accepts H×W and H×W×C arrays of any dtype (C = 1..4; alpha, the 4th channel, is dropped;
+    a 2-channel grey+alpha image keeps its grey). ``channel`` picks one channel of H×W×C
+    (any C, e.g. the DAPI plane of a multi-channel stack) and gives a grey image.
+    """
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.view(np.uint8)
+    if image.dtype.kind not in "uif":
+        raise ValueError(f"an image must hold numbers, got dtype {image.dtype}")
+    if channel is not None:
+        if image.ndim != 3:
+            raise ValueError(f"channel={channel} needs an H×W×C image, got shape {image.shape}")
+        if not -image.shape[-1] <= int(channel) < image.shape[-1]:
+            raise ValueError(f"channel={channel} is out of range for {image.shape[-1]} channels")
+        image = image[..., int(channel)]
+    if image.ndim == 3 and image.shape[-1] in (1, 2):
+        image = image[..., 0]
+    elif image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.ndim not in (2, 3) or image.ndim == 3 and image.shape[-1] != 3:
+        raise ValueError(f"expected an H×W or H×W×C image (C <= 4), got shape {image.shape}; "
+                         "pick one plane with channel=...")
+    if min(image.shape[:2]) == 0:
+        raise ValueError(f"empty image of shape {image.shape}")
+    return image
+
+
+@dataclass
+class Result:
+    """The segmentation of one image.
+
+    ``labels``: H×W uint16 label image (uint32 above 65,535 objects), 0 = background, objects
+    1..N; ``scores``: float32 N, ``scores[k - 1]`` the model's confidence for label k;
+    ``image``: the raw input (H×W or H×W×3, its own dtype); ``info``: how it was predicted
+    (``factor``: the resize applied for ``diameter``, 1 = native size). ``table`` (per-cell
+    measurements, :func:`cellrcnn.inference.measure`) and ``overlay`` (uint8 H×W×3 outlines over
+    the image) are computed on first use.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    image: np.ndarray
+    name: str = ""
+    pixel_size: float | None = None  # µm per pixel, for the table's units
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_objects(self) -> int:
+        return int(len(self.scores))
+
+    @cached_property
+    def table(self):
+        """pandas DataFrame, one row per object (sizes in px, or µm with ``pixel_size``)."""
+        from cellrcnn.inference.measurements import measure
+
+        return measure(self.labels, self.image, self.name, self.scores, self.pixel_size)
+
+    @cached_property
+    def overlay(self) -> np.ndarray:
+        """uint8 H×W×3: each object's outline in its own colour over the normalised image."""
+        from cellrcnn.inference.exports import overlay_outlines
+
+        return overlay_outlines(self.image, self.labels)
+
+
+class Segmenter:
+    """A trained model with its input preparation, object-size and tiling settings.
+
+    Args:
+        module: a trained module (:func:`cellrcnn.modules.base.load_module`).
+        name: shown in results and by the service (shipped model name or checkpoint file name).
+        checkpoint: where it was loaded from.
+        tile_size: images larger than this (pixels, either side) are predicted in overlapping tiles.
+        tile_overlap: overlap of the tiles in pixels; must exceed the largest object's diameter.
+        score_threshold: override the checkpoint's detection score threshold (Mask R-CNN).
+    """
+
+    def __init__(self, module, name: str = "", checkpoint: str | Path | None = None, tile_size: int = 1024,
+                 tile_overlap: int = 128, score_threshold: float | None = None):
+        from cellrcnn.evaluate import input_settings, set_score_threshold
+
+        self.module = module
+        self.name = name
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
+        set_score_threshold(module, score_threshold)
+        self.settings = input_settings(module)  # channels, and inversion of bright backgrounds
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> Segmenter:
+        """Load any cellrcnn checkpoint (``train.py`` writes them); keyword arguments as the class."""
+        from cellrcnn.modules.base import load_module
+
+        path = Path(path)
+        return cls(load_module(path), name=kwargs.pop("name", path.name), checkpoint=path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str = "nuclei", **kwargs) -> Segmenter:
+        """A shipped model by name (:func:`available_models`); an unknown name raises a ValueError
+        that lists the available ones."""
+        models = available_models()
+        if name not in models:
+            raise ValueError(f"unknown model {name!r}; available: {', '.join(models) or 'none'} "
+                             "(or Segmenter.from_checkpoint(path) for a model you trained)")
+        return cls.from_checkpoint(models[name], name=name, **kwargs)
+
+    @property
+    def object_diameter(self) -> float | None:
+        """Median object diameter (px) of the training set, when the checkpoint records it."""
+        return self.module.object_diameter
+
+    def _predict_native(self, raw: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        from cellrcnn.inference.tiling import predict_image
+
+        # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
+        # with whole-image percentiles (cellrcnn.inference.tiling)
+        return predict_image(raw, self.module.predict_instances, tile_size=self.tile_size, overlap=self.tile_overlap,
+                             progress=progress, **self.settings)
+
+    def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = None,
+                channel: int | None = None, pixel_size: float | None = None, name: str | None = None,
+                progress: bool = False) -> Result:
+        """Segment one image.
+
+        Args:
+            image: an H×W or H×W×C array (any dtype), or the path of an image file.
+            diameter: None (native size), the objects' typical diameter in pixels, or ``"auto"``
+                (see :mod:`cellrcnn.inference.scale`).
+            channel: segment only this channel of a multi-channel image.
+            pixel_size: µm per pixel: the ``table`` in µm and µm².
+            name: the ``image`` column of the table (default: the file name).
+            progress: a progress bar over tiles for large images.
+        """
+        from cellrcnn.inference.scale import check_diameter, predict_at_diameter
+        from cellrcnn.io import label_dtype, read_image
+
+        if isinstance(image, str | Path):
+            name = Path(image).name if name is None else name
+            image = read_image(image)
+        raw = as_image(image, channel)
+        check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
+        labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
+                                                   self.object_diameter)
+        labels = np.asarray(labels)
+        labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
+        return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
+                      pixel_size=pixel_size, info=info)
+
+    def segment_many(self, images: Iterable[str | Path], progress: bool = True, **kwargs) -> Iterator[Result]:
+        """Segment image files one after the other (lazily), with a progress bar; keyword
+        arguments as :meth:`segment`. An unreadable file raises :class:`cellrcnn.io.ImageReadError`
+        naming it."""
+        from tqdm import tqdm
+
+        images = list(images)
+        for path in tqdm(images, desc="segment", unit="image", disable=not progress):
+            yield self.segment(path, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({self.name!r}, {type(self.module).__name__}, channels={self.settings['channels']}, "
+                f"invert_bright={self.settings['invert_bright']}, object_diameter={self.object_diameter})")

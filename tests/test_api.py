@@ -1,0 +1,137 @@
+"""The Python API (cellrcnn.Segmenter) with the shipped model: same labels as predict.py, inputs as
+arrays or files, channel selection, measurements and overlays."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellrcnn.api import Segmenter, as_image, available_models, model_card
+from cellrcnn.config import compose_config
+from cellrcnn.io import ImageReadError, read_label_image
+from cellrcnn.predict import run as predict_run
+
+DSB_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bbbc038" / "stage1_train.zip"
+# a 256×256 fluorescence field of the DSB2018 training set (36 annotated nuclei)
+DSB_IMAGE = "003cee89357d9fe13516167fd67b609a164651b21934585648c740d2c3d86dc1"
+
+
+def disks_image(rows: int = 5, cols: int = 5, spacing: int = 50, radius: int = 9) -> np.ndarray:
+    """uint8 256×256 field of ``rows × cols`` well separated bright disks (nuclei of the training size)."""
+    yy, xx = np.mgrid[:256, :256]
+    image = np.full((256, 256), 20, np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            image[(yy - 30 - spacing * r) ** 2 + (xx - 30 - spacing * c) ** 2 < radius**2] = 200
+    return image
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter.from_pretrained("nuclei")
+
+
+def test_shipped_models_are_discovered_with_their_cards():
+    models = available_models()
+    assert "nuclei" in models and models["nuclei"].suffix == ".ckpt"
+    assert model_card("nuclei")["module"] == "UNetModule"
+    with pytest.raises(ValueError, match="unknown model 'nope'; available: .*nuclei"):
+        Segmenter.from_pretrained("nope")
+
+
+def test_available_models_lists_every_checkpoint_of_a_folder(tmp_path):
+    for name in ("nuclei", "nuclei_he"):
+        (tmp_path / f"{name}.ckpt").write_bytes(b"")
+    (tmp_path / "nuclei_he.json").write_text('{"module": "UNetModule"}')
+    assert list(available_models(tmp_path)) == ["nuclei", "nuclei_he"]
+    assert model_card("nuclei_he", tmp_path) == {"module": "UNetModule"} and model_card("nuclei", tmp_path) == {}
+
+
+def test_segment_counts_separated_disks(segmenter):
+    result = segmenter.segment(disks_image())
+    assert result.n_objects == 25
+    assert result.labels.shape == (256, 256) and result.labels.dtype == np.uint16
+    assert sorted(np.unique(result.labels))[1:] == list(range(1, 26))
+    assert len(result.table) == 25 and result.table["area_px"].between(150, 400).all()  # π·9² ≈ 254 px
+    assert result.overlay.shape == (256, 256, 3) and result.overlay.dtype == np.uint8
+    assert result.scores.shape == (25,) and result.info["factor"] == 1.0
+
+
+@pytest.mark.slow
+def test_api_equals_predict_cli_labels(segmenter, tmp_path):
+    """Synthetic disks and (when ../shared/data is present) a real DSB2018 field: the API's label
+    image is the CLI's label TIFF, pixel for pixel."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(disks_image(4, 3)).save(folder / "disks.png")
+    if DSB_ZIP.is_file():
+        with zipfile.ZipFile(DSB_ZIP) as z:
+            (folder / "dsb.png").write_bytes(z.read(f"{DSB_IMAGE}/images/{DSB_IMAGE}.png"))
+    out = tmp_path / "out"
+    predict_run(compose_config("predict", [f"input={folder}", f"output={out}", "overlays=false"], tmp_path))
+    for path in sorted(folder.iterdir()):
+        cli = read_label_image(out / f"{path.stem}.tif")
+        api = segmenter.segment(path).labels
+        np.testing.assert_array_equal(api, cli)
+        assert cli.max() > 0
+    assert read_label_image(out / "disks.tif").max() == 12
+
+
+@pytest.mark.realdata
+def test_real_image_as_array_or_file(segmenter, tmp_path):
+    if not DSB_ZIP.is_file():
+        pytest.skip(f"{DSB_ZIP} is absent (real DSB2018 data)")
+    with zipfile.ZipFile(DSB_ZIP) as z:
+        (tmp_path / "dsb.png").write_bytes(z.read(f"{DSB_IMAGE}/images/{DSB_IMAGE}.png"))
+    from_file = segmenter.segment(tmp_path / "dsb.png")
+    rgba = np.asarray(Image.open(tmp_path / "dsb.png"))
+    assert rgba.shape[-1] == 4  # the DSB PNGs are RGBA; the API drops alpha as the file reader does
+    from_array = segmenter.segment(rgba)
+    np.testing.assert_array_equal(from_file.labels, from_array.labels)
+    assert from_file.table["image"].iloc[0] == "dsb.png" and from_file.n_objects > 10
+
+
+def test_channel_selects_one_plane(segmenter):
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 60, (256, 256, 5)).astype(np.uint16)
+    stack[..., 3] = disks_image(3, 2).astype(np.uint16) * 16  # 16-bit nuclei channel
+    assert segmenter.segment(stack, channel=3).n_objects == 6
+    np.testing.assert_array_equal(segmenter.segment(stack, channel=3).labels, segmenter.segment(stack[..., 3]).labels)
+    with pytest.raises(ValueError, match="channel=..."):
+        segmenter.segment(stack)  # 5 planes: which one is the nuclei is the user's choice
+    with pytest.raises(ValueError, match="out of range"):
+        segmenter.segment(stack, channel=5)
+
+
+def test_segment_many_in_order_with_pixel_size(segmenter, tmp_path):
+    paths = []
+    for n in (1, 2):
+        paths.append(tmp_path / f"d{n}.png")
+        Image.fromarray(disks_image(n, 2)).save(paths[-1])
+    results = list(segmenter.segment_many(paths, progress=False, pixel_size=0.5))
+    assert [r.name for r in results] == ["d1.png", "d2.png"] and [r.n_objects for r in results] == [2, 4]
+    assert results[0].table["area_um2"].between(150 * 0.25, 400 * 0.25).all()
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ImageReadError, match="bad.png"):
+        list(segmenter.segment_many([tmp_path / "bad.png"], progress=False))
+
+
+def test_as_image_rules():
+    grey_alpha = np.zeros((8, 9, 2), np.uint8)
+    assert as_image(grey_alpha).shape == (8, 9)
+    assert as_image(np.zeros((8, 9, 4), np.float32)).shape == (8, 9, 3)
+    assert as_image(np.zeros((8, 9), bool)).dtype == np.uint8
+    for bad, message in ((np.zeros((2, 8, 9, 3)), "H×W"), (np.zeros((0, 9)), "empty"),
+                         (np.array([["a"]]), "numbers")):
+        with pytest.raises(ValueError, match=message):
+            as_image(bad)
+
+
+def test_import_cellrcnn_stays_light():
+    code = "import sys, cellrcnn; assert 'torch' not in sys.modules; print(cellrcnn.Segmenter.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "Segmenter"
