@@ -65,7 +65,7 @@ def image_key(image: dict) -> str:
 def write_split(root: Path) -> dict[str, int]:
     """Merge the converter's split files and write the 90/10 hash split; returns image counts."""
     from cellrcnn.data.coco import load_coco_json
-    from cellrcnn.data.datamodule import split_by_hash
+    from cellrcnn.data.splits import split_by_hash
 
     ann_dir = root / "annotations"
     sources = [p for p in sorted(ann_dir.glob("*.json")) if p.stem not in SPLITS]

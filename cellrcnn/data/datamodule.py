@@ -22,7 +22,6 @@ brightfield, large nuclei) are where models fail. Images are grouped by how they
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Hashable, Sequence
@@ -34,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
 from cellrcnn.data.coco import CocoInstanceDataset, to_tensors
+from cellrcnn.data.splits import split_by_hash  # noqa: F401  (re-exported: the one split rule)
 from cellrcnn.data.target import Target
 from cellrcnn.data.transforms import Compose, build_train_transforms
 
@@ -92,27 +92,6 @@ def balanced_weights(keys: Sequence[Hashable]) -> np.ndarray:
         counts[key] = counts.get(key, 0) + 1
     weights = np.array([counts[key] ** -0.5 for key in keys], dtype=np.float64)
     return weights / weights.sum()
-
-
-def split_by_hash(
-    ids: Sequence[Hashable], fractions: Sequence[float] = (0.9, 0.1), salt: str = ""
-) -> list[list[Hashable]]:
-    """Split ids into ``len(fractions)`` groups by a salted SHA-256 of each id.
-
-    An id's group depends only on the id and the salt (not on the order or the other ids),
-    so adding images never moves existing ones. Fractions are normalised to sum to 1.
-    Returns the groups in input order.
-    """
-    total = float(sum(fractions))
-    if total <= 0 or any(f < 0 for f in fractions):
-        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
-    edges = np.cumsum(np.asarray(fractions, float) / total)
-    groups: list[list[Hashable]] = [[] for _ in fractions]
-    for i in ids:
-        digest = hashlib.sha256(f"{salt}:{i}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
-        groups[min(int(np.searchsorted(edges, u, side="right")), len(groups) - 1)].append(i)
-    return groups
 
 
 def split_coco_file(

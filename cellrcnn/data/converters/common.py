@@ -15,7 +15,6 @@ order and no timestamps, so a re-run produces byte-identical files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -27,8 +26,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+from cellrcnn.data.splits import DEFAULT_FRACTIONS, SPLITS, assign_split, split_salt
 
 
 class ConversionError(RuntimeError):
@@ -160,16 +158,9 @@ def box_annotation(x: float, y: float, w: float, h: float, category_id: int, **e
             "iscrowd": 0, **extra}
 
 
-def hash_split(key: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
-    """Deterministic split of an image by the SHA-256 of its key (independent of order and platform)."""
-    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    total = float(sum(fractions))
-    edge = 0.0
-    for name, frac in zip(SPLITS, fractions, strict=False):
-        edge += frac / total
-        if u < edge:
-            return name
-    return SPLITS[len(fractions) - 1]
+def hash_split(key: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, salt: str = "") -> str:
+    """Split of an image by the project's one split rule (:mod:`cellrcnn.data.splits`) on its own key."""
+    return assign_split(key, fractions, salt)
 
 
 def parse_fractions(text: str | Sequence[float] | None) -> tuple[float, float, float]:
@@ -182,14 +173,14 @@ def parse_fractions(text: str | Sequence[float] | None) -> tuple[float, float, f
     return tuple(v / sum(values) for v in values)  # type: ignore[return-value]
 
 
-def choose_split(res: ImageResult, fractions: Sequence[float], carve_val: bool = False) -> str:
-    """Official split when the source has one, else by hash. ``carve_val``: the source is
-    split only into train/test, so validation images come by hash from train
-    (val share = val / (train + val))."""
+def choose_split(res: ImageResult, fractions: Sequence[float], carve_val: bool = False, salt: str = "") -> str:
+    """Official split when the source has one, else by hash (``salt``: the source's, see
+    :func:`cellrcnn.data.splits.split_salt`). ``carve_val``: the source is split only into
+    train/test, so validation images come by hash from train (val share = val / (train + val))."""
     if res.split is None:
-        return hash_split(res.key, fractions)
+        return hash_split(res.key, fractions, salt)
     if carve_val and res.split == "train" and fractions[1] > 0:
-        return hash_split(res.key, (fractions[0], fractions[1], 0.0))
+        return hash_split(res.key, (fractions[0], fractions[1], 0.0), salt)
     return res.split
 
 
@@ -233,7 +224,7 @@ def write_coco(
                 "categories": categories, "images": [], "annotations": []} for s in SPLITS}
     ann_id = 0
     for image_id, res in enumerate(kept, start=1):
-        doc = docs[choose_split(res, fractions, carve_val)]
+        doc = docs[choose_split(res, fractions, carve_val, split_salt(source))]
         doc["images"].append({"id": image_id, "file_name": res.file_name, "height": res.height,
                               "width": res.width, "source": source, **res.extra})
         for ann in res.annotations:
