@@ -47,14 +47,13 @@ def calibrate_thresholds(
     then save ``checkpoints/calibrated.ckpt`` and ``calibration.json``; False when there are no
     validation images. Every DDP rank computes the same choice from the same images, so no
     broadcast is needed."""
-    from .evaluate import input_settings
-    from .evaluation.calibrate import calibrate, load_samples
+    from .evaluation.calibrate import calibrate
 
-    annotations = datamodule.annotation_file("val")
-    if not annotations.is_file():
-        print(f"no validation annotations at {annotations}: thresholds left as configured")
+    try:  # spread over every source's validation images, as validation sees them
+        samples = datamodule.calibration_samples(n_images)
+    except FileNotFoundError as exc:
+        print(f"no validation annotations ({exc}): thresholds left as configured")
         return False
-    samples = load_samples(annotations, datamodule.root / "images", n_images, **input_settings(model))
     if not samples:
         return False
     update, report = calibrate(model, samples)

@@ -241,6 +241,46 @@ class CellDataModule(L.LightningDataModule):
             self._generators[split] = torch.Generator().manual_seed(self._rank_seed())
         return self._generators[split]
 
+    @property
+    def weighted_sampling(self) -> bool:
+        """Training images are drawn with replacement by :meth:`sample_weights`."""
+        return self.balance == "appearance"
+
+    @property
+    def source_names(self) -> list[str]:
+        """Names of the data sources (one here; several in :class:`cellrcnn.data.mixed.MixedDataModule`)."""
+        return [self.root.name]
+
+    def eval_sets(self, split: str) -> list[tuple[str, CocoInstanceDataset, float]]:
+        """(source name, full-size dataset of ``split``, resize factor its images are seen at) per source."""
+        return [(self.root.name, self._dataset(split), 1.0)]
+
+    def calibration_samples(self, limit: int | None) -> list:
+        """Up to ``limit`` full-size validation samples ``(image, target)``, spread evenly over the
+        images of every source and prepared as validation sees them; [] without validation images."""
+        if self.splits["val"] is None:
+            return []
+        if "val" not in self.datasets:
+            self.setup("validate")
+        views = self.datasets.get("val", [])
+        views = views if isinstance(views, list) else [views]
+        total = sum(len(v) for v in views)
+        if total == 0:
+            return []
+        samples = []
+        for view in views:
+            k = len(view) if limit is None or limit >= total else max(1, round(limit * len(view) / total))
+            picks = np.unique(np.linspace(0, len(view) - 1, min(k, len(view))).round().astype(int)) if len(view) else []
+            samples += [view[int(i)] for i in picks]
+        return samples
+
+    def training_image_digests(self) -> list[str]:
+        """Content digests of every training image (:func:`cellrcnn.data.splits.file_digest`), sorted."""
+        from cellrcnn.data.splits import file_digest
+
+        sets = self.eval_sets("train")
+        return sorted({file_digest(ds.image_path(i)) for _, ds, _ in sets for i in range(len(ds))})
+
     def sample_weights(self) -> np.ndarray:
         """Per-image training sampling weights of ``balance="appearance"`` (reads every training
         image once; computed on first use)."""
@@ -259,7 +299,7 @@ class CellDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         sampler = None
-        if train and self.balance == "appearance":
+        if train and self.weighted_sampling:
             # with replacement, one epoch = as many draws as images; under DDP Lightning wraps this
             # sampler so the ranks split every epoch's draws
             weights = torch.as_tensor(self.sample_weights())

@@ -15,7 +15,8 @@ their published held-out figures stay comparable and no shipped model has seen i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -65,3 +66,18 @@ def split_by_hash(
     for i in ids:
         groups[_group(hash_unit(i, salt), edges)].append(i)
     return groups
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, 16 hex digits: identifies an image whatever its name or folder."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def overlap(paths: Iterable[str | Path], digests: Iterable[str]) -> list[Path]:
+    """The files among ``paths`` whose content is among ``digests`` (e.g. a checkpoint's training images)."""
+    known = set(digests)
+    return [Path(p) for p in paths if known and file_digest(p) in known]

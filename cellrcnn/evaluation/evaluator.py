@@ -20,7 +20,7 @@ ratio); ``dsb_score``, ``dice``, ``jaccard`` and ``pixel_accuracy`` are means ov
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -228,6 +228,20 @@ class Evaluator:
         """The metric dict (see the module docstring); ``nan`` where a metric is undefined."""
         records = self._gather()
         self._gathered = records
+        return self._metrics(records)
+
+    def compute_groups(self, group_of: Callable[[int], str | None]) -> dict[str, dict[str, float]]:
+        """The metric dict of every group of images (``group_of(image_id)``, None: in no group),
+        from the records already matched: per source, modality or stain without re-scoring."""
+        records = self._gather() if self._gathered is None else self._gathered
+        groups: dict[str, list[dict]] = {}
+        for rec in records:
+            name = group_of(rec["image_id"])
+            if name is not None:
+                groups.setdefault(str(name), []).append(rec)
+        return {name: self._metrics(recs) for name, recs in sorted(groups.items())}
+
+    def _metrics(self, records: list[dict]) -> dict[str, float]:
         nan = float("nan")
         out: dict[str, float] = {"segm_AP": nan, "segm_AP50": nan, "segm_AP75": nan, "bbox_AP": nan}
         if self.coco and records:

@@ -48,6 +48,12 @@ OPTIM_DEFAULTS: dict[str, Any] = {
 }
 
 
+# the per-source metrics logged beside the pooled ones (``val/<source>/<metric>``)
+SOURCE_METRICS = ("dsb_score", "f1@0.5", "precision@0.5", "recall@0.5", "pq@0.5", "segm_AP", "dice")
+# checkpoint entry: content digests of the training images (cellrcnn.data.splits.file_digest)
+TRAINING_IMAGES_KEY = "cellrcnn_training_images"
+
+
 def lr_factor(step: int, total: float, cfg: dict[str, Any], time_fraction: float = 0.0) -> float:
     """Multiplier of the base learning rate at optimiser step ``step`` of ``total``.
 
@@ -106,6 +112,7 @@ class InstanceSegModule(L.LightningModule):
         self._shown: list[tuple[torch.Tensor, dict, dict]] = []
         self.last_metrics: dict[str, float] = {}
         self.last_overlay = None
+        self.training_images: list[str] = []  # content digests, recorded when fitting starts
 
     # ---------------------------------------------------------------- subclass contract
     def compute_losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -184,20 +191,38 @@ class InstanceSegModule(L.LightningModule):
         (:func:`cellrcnn.io.prepare_image`); False in older checkpoints."""
         return bool(self.hparams.get("invert_bright", False))
 
+    @property
+    def input_settings(self) -> dict[str, Any]:
+        """How images are prepared for this model: keyword arguments (``channels``,
+        ``invert_bright``) of :func:`cellrcnn.io.prepare_image`, ``CocoInstanceDataset`` and
+        ``predict_image``, so every entry point feeds it images as it was trained on."""
+        return {"channels": int(dict(self.hparams).get("net", {}).get("in_channels", 3)),
+                "invert_bright": self.invert_bright}
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "invert_bright"):
             self.hparams["invert_bright"] = bool(datamodule.invert_bright)
-        if self.object_diameter is None and getattr(datamodule, "splits", {}).get("train"):
-            from ..inference.scale import annotation_diameter
+        if datamodule is None or not getattr(datamodule, "splits", {}).get("train"):
+            return
+        if self.object_diameter is None:
+            if hasattr(datamodule, "training_object_diameter"):  # several sources, rescaled to one size
+                self.hparams["object_diameter"] = datamodule.training_object_diameter()
+            else:
+                from ..inference.scale import annotation_diameter
 
-            self.hparams["object_diameter"] = annotation_diameter(datamodule.annotation_file("train"))
+                self.hparams["object_diameter"] = annotation_diameter(datamodule.annotation_file("train"))
+        if hasattr(datamodule, "training_image_digests"):
+            # saved with every checkpoint, so scoring a model on images it trained on is caught
+            self.training_images = datamodule.training_image_digests()
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
         self._shown = []
 
-    def validation_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
+    def validation_step(
+        self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         images, targets = batch
         predictions = self.predict_instances(images)
         for image, target, pred in zip(images, targets, predictions, strict=True):
@@ -224,6 +249,15 @@ class InstanceSegModule(L.LightningModule):
                 continue
             self.log(f"{split}/{name}", float(value), prog_bar=name == "dsb_score", sync_dist=False)
         self.last_metrics = {f"{split}/{k}": v for k, v in metrics.items()}
+        names = list(getattr(getattr(self.trainer, "datamodule", None), "source_names", []))
+        if len(names) > 1:  # several sources: where the model fails, beside the pooled figures
+            from ..data.mixed import source_of_image_id
+
+            for source, values in self.evaluator.compute_groups(lambda i: source_of_image_id(i, names)).items():
+                for name in SOURCE_METRICS:
+                    if np.isfinite(values.get(name, np.nan)):
+                        self.log(f"{split}/{source}/{name}", float(values[name]), sync_dist=False)
+                self.last_metrics.update({f"{split}/{source}/{k}": v for k, v in values.items()})
 
     def _log_overlays(self, split: str = "val") -> None:
         """TP/FP/FN grid of the first images of the epoch to TensorBoard (``<split>/overlay_tp_fp_fn``);
@@ -241,6 +275,11 @@ class InstanceSegModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["cellrcnn_module"] = f"{cls.__module__}.{cls.__qualname__}"
+        if getattr(self, "training_images", None):
+            checkpoint[TRAINING_IMAGES_KEY] = list(self.training_images)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.training_images = list(checkpoint.get(TRAINING_IMAGES_KEY, []))
 
 
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> InstanceSegModule:
@@ -256,5 +295,6 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     cls = getattr(importlib.import_module(module_name), cls_name)
     model = cls(**checkpoint.get("hyper_parameters", {}))
     model.load_state_dict(checkpoint["state_dict"])
+    model.training_images = list(checkpoint.get(TRAINING_IMAGES_KEY, []))
     model.eval()
     return model
