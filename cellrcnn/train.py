@@ -69,6 +69,20 @@ def calibrate_thresholds(
     return True
 
 
+def load_weights(model: L.LightningModule, ckpt_path: str | Path) -> None:
+    """Copy a checkpoint's weights into ``model`` (same architecture); optimiser, schedule and
+    budget start afresh, as when a generalist model is fine-tuned on more data."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("state_dict")
+    if state is None:
+        raise ValueError(f"init_weights={ckpt_path}: not a Lightning checkpoint (no state_dict)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"init_weights={ckpt_path}: weights do not fit the configured model "
+                         f"(same model.net settings needed): {str(exc).splitlines()[0]}") from exc
+    print(f"initialised the weights from {ckpt_path}")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the test metrics (or {})."""
     start = time.perf_counter()
@@ -79,6 +93,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if cfg.get("init_weights"):
+        load_weights(model, cfg.init_weights)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = build_callbacks(cfg, with_logger=bool(logger))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
