@@ -10,10 +10,32 @@ Contracts (see DESIGN.md):
   image with a bright background (brightfield, H&E) is inverted, so objects are always the
   bright ones, as in fluorescence.
 - Label images are 2-D integer arrays, 0 = background, objects 1..N.
+
+Hostile and careless input:
+- Multi-page TIFFs (z-stacks, channels stored as pages) and images with channels that are not
+  colour (a 2-channel TIFF, an ImageJ ``CYX`` composite) are never silently reduced to their
+  first plane: ``channel=`` (which channel holds the nuclei) and ``plane=`` (which z-plane or
+  page) choose, and without them such a file is an error naming the option to set. The TIFF
+  ExtraSamples tag decides whether an extra sample is alpha (dropped) or a channel.
+- One pixel limit for every format, :data:`MAX_IMAGE_PIXELS` (default 2**30, about a
+  33,000 × 33,000 field; environment variable ``CELLRCNN_MAX_IMAGE_PIXELS`` or
+  :func:`set_max_image_pixels` to raise it), replaces Pillow's decompression-bomb guard, which
+  refused a 14,000 × 14,000 PNG that the same TIFF read fine.
+- Non-finite pixels (NaN, ±inf) in float images are replaced (NaN by the median of the finite
+  pixels, ±inf by their max/min) with a :class:`NonFiniteWarning` naming the file, so one bad
+  pixel cannot turn the whole normalised input into NaN.
+- Writers go through :func:`atomic_write` (temporary file in the same folder, then rename): an
+  interrupted run leaves no half-written file, a symlink in the output folder is replaced rather
+  than written through, and files declared with :func:`protect_inputs` are never replaced.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,66 +48,208 @@ class ImageReadError(ValueError):
     """An image or label file could not be read; the message names the file."""
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+class NonFiniteWarning(UserWarning):
+    """An image held NaN or infinite pixels, which were replaced; the message names the file."""
+
+
+MAX_IMAGE_PIXELS = int(os.environ.get("CELLRCNN_MAX_IMAGE_PIXELS", 1 << 30))
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Raise (or lower) the pixel limit of :func:`read_image` for every format (H × W × planes)."""
+    global MAX_IMAGE_PIXELS
+    MAX_IMAGE_PIXELS = int(limit)
+
+
+def _check_pixels(path: Path, n_pixels: int, what: str) -> None:
+    if n_pixels > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            f"{path}: {what} has {n_pixels:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            "(raise it with CELLRCNN_MAX_IMAGE_PIXELS=N or cellrcnn.io.set_max_image_pixels(N))"
+        )
+
+
+_ALPHA_EXTRASAMPLES = (1, 2)  # TIFF ExtraSamples: 1 associated alpha, 2 unassociated alpha; 0 unspecified data
+
+
+def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
+    """Pixels of the first series and what their last axis means: ``"grey"`` (Y×X), ``"colour"``
+    (Y×X×3, alpha already dropped), or ``"planes"``/``"channels"`` (N×Y×X: pages, z-planes,
+    or channels that are not colour), decided from the series axes and the ExtraSamples tag; and
+    whether ``channel`` was already applied (to the C axis of a stack with planes and channels)."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        data = page.asarray()
-        # WhiteIsZero bilevel files (BBBC009 outlines) are returned as stored bits;
-        # keep them as stored, callers that care decide the polarity.
-        if data.ndim == 3 and data.shape[0] in (2, 3, 4) and data.shape[-1] not in (3, 4):
-            data = np.moveaxis(data, 0, -1)  # planar CYX -> YXC
-        return data
+        series = tif.series[0]
+        page = series.keyframe
+        _check_pixels(path, int(np.prod(series.shape)), f"the {series.axes} series {series.shape}")
+        data = series.asarray()
+        axes = series.axes
+        photometric = int(page.photometric)
+        extras = tuple(int(e) for e in (page.extrasamples or ()))
+    # WhiteIsZero bilevel files (BBBC009 outlines) are returned as stored bits;
+    # keep them as stored, callers that care decide the polarity.
+    if data.ndim != len(axes):
+        raise ImageReadError(f"{path}: TIFF axes {axes!r} do not match its shape {data.shape}")
+    keep = [i for i, a in enumerate(axes) if a in "YXS" or data.shape[i] > 1]  # drop size-1 planes
+    data = data.reshape([data.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    kind = "grey"
+    if "S" in axes:
+        data = np.moveaxis(data, axes.index("S"), -1)
+        axes = axes.replace("S", "") + "S"
+        n_alpha = sum(e in _ALPHA_EXTRASAMPLES for e in extras)
+        if n_alpha and data.shape[-1] - n_alpha >= 1:
+            data = data[..., : data.shape[-1] - n_alpha]  # the ExtraSamples tag marks them as alpha
+        if photometric == 2 and data.shape[-1] >= 3:  # RGB
+            data, axes, kind = data[..., :3], axes[:-1], "colour"
+        elif data.shape[-1] == 1:
+            data, axes = data[..., 0], axes[:-1]
+        else:  # grey with unspecified extra samples: real channels
+            data, axes, kind = np.moveaxis(data, -1, 0), "C" + axes[:-1], "channels"
+    others = [a for a in axes if a not in "YX"]
+    used = False
+    if not others:
+        return data, kind, used
+    if "C" in others and (len(others) > 1 or kind == "colour"):  # e.g. an ImageJ ZCYX hyperstack
+        c = others.index("C")
+        if channel is None or not 0 <= channel < data.shape[c]:
+            raise ImageReadError(
+                f"{path}: a {''.join(others)}YX stack of shape {data.shape}; set channel=K "
+                f"(0..{data.shape[c] - 1}, the nuclei channel) and plane=K"
+            )
+        data, others, used = np.take(data, channel, axis=c), [a for a in others if a != "C"], True
+        kind = "grey" if kind == "channels" else kind
+    if kind == "colour" or len(others) > 1:
+        return data.reshape(-1, *data.shape[len(others):]), "planes", used
+    return data, ("channels" if others[0] == "C" or kind == "channels" else "planes"), used
 
 
 def _read_with_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
+    # Pillow's decompression-bomb guard would refuse large PNGs that the same TIFF reads;
+    # one limit for all formats (MAX_IMAGE_PIXELS) is checked from the header instead
+    Image.MAX_IMAGE_PIXELS = None
     with Image.open(path) as im:
+        _check_pixels(path, im.size[0] * im.size[1], f"the {im.size[0]}×{im.size[1]} (W×H) image")
         im.load()
-        if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "HSV"):
+        if im.mode == "LA":  # grey + alpha: PNG's alpha band is never a channel
+            im = im.convert("L")
+        if im.mode in ("P", "PA", "CMYK", "YCbCr", "HSV"):
             im = im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB")
         if im.mode == "1":
             return np.asarray(im, dtype=bool)
         if im.mode == "I;16B":
             im = im.convert("I;16")
-        return np.asarray(im)
+        data = np.asarray(im)
+        return data[..., :3] if data.ndim == 3 and data.shape[-1] == 4 else data  # PIL's 4th band is alpha
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Raw pixels of an image file: H×W or H×W×C (C = 3 after dropping alpha).
+def _pick(path: Path, data: np.ndarray, kind: str, channel: int | None, plane: int | None) -> np.ndarray:
+    """Apply ``plane=`` / ``channel=`` to N×Y×X stacks and Y×X×C images; ambiguity is an error."""
+    if kind == "planes" and channel is not None and plane is None and data.ndim == 3:
+        kind = "channels"  # pages without metadata that the user says are channels
+    if kind == "planes":
+        n = data.shape[0]
+        if plane is None:
+            raise ImageReadError(
+                f"{path}: {n} pages or z-planes (shape {data.shape}); set plane=K (0..{n - 1}) to choose "
+                "one, or channel=K if the pages are channels"
+            )
+        if not 0 <= plane < n:
+            raise ImageReadError(f"{path}: plane={plane} but the file has {n} planes (0..{n - 1})")
+        data, kind = data[plane], ("colour" if data.ndim == 4 else "grey")
+        plane = None
+    if plane not in (None, 0):
+        raise ImageReadError(f"{path}: plane={plane} but the file has a single plane")
+    if kind == "channels":
+        n = data.shape[0]
+        if channel is None:
+            raise ImageReadError(
+                f"{path}: {n} channels that are not colour (shape {data.shape}); set channel=K (0..{n - 1}) "
+                "to say which channel holds the nuclei"
+            )
+        if not 0 <= channel < n:
+            raise ImageReadError(f"{path}: channel={channel} but the file has {n} channels (0..{n - 1})")
+        return data[channel]
+    if channel is not None and data.ndim == 3:
+        if not 0 <= channel < data.shape[-1]:
+            raise ImageReadError(f"{path}: channel={channel} but the image has {data.shape[-1]} channels")
+        return data[..., channel]
+    if channel not in (None, 0):
+        raise ImageReadError(f"{path}: channel={channel} but the image has a single channel")
+    return data
 
-    Raises ImageReadError for missing, unreadable or empty files.
+
+def replace_non_finite(data: np.ndarray, name: str = "image") -> np.ndarray:
+    """Float pixels with NaN/±inf replaced (NaN -> median, +inf -> max, -inf -> min of the finite
+    pixels), with a :class:`NonFiniteWarning` naming ``name``; other arrays are returned as they are."""
+    if data.dtype.kind not in "fc":
+        return data
+    finite = np.isfinite(data)
+    if finite.all():
+        return data
+    if not finite.any():
+        raise ImageReadError(f"{name}: every pixel is NaN or infinite")
+    values = data[finite]
+    data = np.array(data, copy=True)
+    n_nan, n_pos = int(np.isnan(data).sum()), int(np.isposinf(data).sum())
+    n_neg = int((~finite).sum()) - n_nan - n_pos
+    data[np.isnan(data)] = np.median(values)
+    data[np.isposinf(data)] = values.max()
+    data[np.isneginf(data)] = values.min()
+    warnings.warn(
+        f"{name}: {n_nan + n_pos + n_neg:,} non-finite pixel(s) replaced ({n_nan} NaN -> median, "
+        f"{n_pos} +inf -> max, {n_neg} -inf -> min of the finite pixels)",
+        NonFiniteWarning,
+        stacklevel=3,
+    )
+    return data
+
+
+def read_image(path: str | Path, channel: int | None = None, plane: int | None = None) -> np.ndarray:
+    """Raw pixels of an image file: H×W or H×W×3 (alpha dropped), non-finite pixels replaced.
+
+    ``channel``: index of the channel to keep (the nuclei channel of a multi-channel file, or one
+    colour of an RGB image) -> H×W. ``plane``: index of the z-plane / page of a multi-page TIFF.
+    A multi-page or multi-channel file that is not colour needs them (error otherwise).
+    Raises ImageReadError, naming the file, for missing, unreadable, empty, too large or
+    ambiguous files.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    kind = "grey"
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            data = _read_tiff(path)
+            data, kind, used = _read_tiff(path, channel)
+            channel = None if used else channel
         elif path.suffix.lower() == ".npy":
-            data = np.load(path, allow_pickle=False)
+            data = np.load(path, allow_pickle=False, mmap_mode="r")
+            _check_pixels(path, int(data.size), f"the array of shape {data.shape}")
+            data = np.asarray(data)
         else:
             data = _read_with_pil(path)
     except ImageReadError:
         raise
     except Exception as exc:  # every library raises its own type; report them all the same way
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    data = np.squeeze(data) if data.ndim > 2 and 1 in data.shape[:-1] else data
-    if data.ndim == 3 and data.shape[-1] == 4:
-        data = data[..., :3]  # alpha carries no signal in microscopy exports
-    elif data.ndim == 3 and data.shape[-1] == 2:
-        data = data[..., :1].squeeze(-1)  # grey + alpha
-    elif data.ndim == 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    if kind == "grey":
+        data = np.squeeze(data) if data.ndim > 2 and 1 in data.shape[:-1] else data
+        if data.ndim == 3 and data.shape[-1] == 1:
+            data = data[..., 0]
+        elif data.ndim == 3 and data.shape[-1] == 4 and channel is None:
+            data = data[..., :3]  # an RGBA array: alpha carries no signal in microscopy exports
+        elif data.ndim == 3 and data.shape[-1] != 3 and channel is None:
+            raise ImageReadError(
+                f"{path}: {data.shape[-1]} channels or planes (shape {data.shape}); set channel=K to say "
+                "which channel holds the nuclei"
+            )
+    data = _pick(path, data, kind, channel, plane)
     if data.ndim not in (2, 3) or data.size == 0 or min(data.shape[:2]) == 0:
         raise ImageReadError(f"{path}: expected a 2-D image (H×W or H×W×C), got shape {data.shape}")
-    if data.ndim == 3 and data.shape[-1] > 4:
-        raise ImageReadError(
-            f"{path}: {data.shape[-1]} channels or planes; pick a channel or z-plane first (shape {data.shape})"
-        )
-    return data
+    return replace_non_finite(data, str(path))
 
 
 def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -96,6 +260,9 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8
     """
     image = np.asarray(image, dtype=np.float32)
     lo, hi = np.percentile(image, [low, high])
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN/inf pixels: ignore them, then replace them
+        image = replace_non_finite(image, "image")
+        lo, hi = np.percentile(image, [low, high])
     if hi - lo < 1e-6:  # flat image (blank field): keep it flat rather than amplify noise
         hi = lo + max(1.0, abs(lo))
     return (image - lo) / (hi - lo)
@@ -150,16 +317,28 @@ def image_files(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) 
     )
 
 
-def read_label_image(path: str | Path) -> np.ndarray:
-    """A label image (TIFF, PNG, NPY or a Cellpose ``_seg.npy``) as a 2-D int64 array."""
+def read_label_image(path: str | Path, allow_pickle: bool = False, plane: int | None = None) -> np.ndarray:
+    """A label image (TIFF, PNG, NPY or a Cellpose ``_seg.npy``) as a 2-D int64 array.
+
+    ``_seg.npy`` files are pickled dictionaries, and unpickling runs code chosen by whoever wrote
+    the file: they are read only with ``allow_pickle=True`` (for files you trust). ``plane``
+    picks one plane of a label stack (a stack without it is an error, never plane 0 silently).
+    Label values above the int64 range (uint64 ids >= 2**63) are renumbered 1..N in value order.
+    """
     path = Path(path)
     if path.name.endswith("_seg.npy"):
+        if not allow_pickle:
+            raise ImageReadError(
+                f"{path}: a Cellpose _seg.npy is a pickle, and loading one runs code from the file; "
+                "pass allow_pickle=True (--allow-pickle) only for files you trust, or export the masks "
+                "as a label TIFF/PNG"
+            )
         try:
             data = np.load(path, allow_pickle=True).item()["masks"]
         except Exception as exc:
             raise ImageReadError(f"{path}: not a Cellpose _seg.npy file ({exc})") from exc
     else:
-        data = read_image(path)
+        data = read_image(path, plane=plane)
     data = np.asarray(data)
     if data.ndim == 3:
         # RGB-stored labels with equal channels are common exports; anything else is ambiguous.
@@ -167,13 +346,19 @@ def read_label_image(path: str | Path) -> np.ndarray:
             data = data[..., 0]
         else:
             raise ImageReadError(f"{path}: a label image must be 2-D integer, got shape {data.shape}")
+    if data.ndim != 2:
+        raise ImageReadError(f"{path}: a label image must be 2-D, got shape {data.shape}")
     if data.dtype.kind == "f":
-        if not np.all(np.mod(data, 1) == 0):
+        if not np.all(np.isfinite(data)) or not np.all(np.mod(data, 1) == 0):
             raise ImageReadError(f"{path}: label image holds non-integer values")
     elif data.dtype.kind not in "iub":
         raise ImageReadError(f"{path}: label image has unsupported dtype {data.dtype}")
-    if data.min() < 0:
+    if data.size and data.min() < 0:
         raise ImageReadError(f"{path}: label image holds negative values")
+    if data.size and data.dtype.kind in "uf" and data.max() > np.iinfo(np.int64).max:
+        # ids, not quantities: renumbering keeps every object apart where a cast would wrap negative
+        ids, inverse = np.unique(data, return_inverse=True)
+        data = inverse.reshape(data.shape) + (0 if ids[0] == 0 else 1)
     return data.astype(np.int64)
 
 
@@ -182,15 +367,63 @@ def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.uint16) if max_label <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
+_PROTECTED = threading.local()
+
+
+def _keys(path: str | Path) -> set[str]:
+    """The names under which a file can be reached: its real path, and its folder's real path
+    with its own name (a symlink's own entry)."""
+    path = Path(path)
+    return {os.path.realpath(path), os.path.join(os.path.realpath(path.parent), path.name)}
+
+
+def protect_inputs(paths: Iterable[str | Path]) -> None:
+    """Declare this thread's input files: :func:`atomic_write` refuses to replace them (by any
+    name: symlinks and a folder reached twice included) until the next call."""
+    _PROTECTED.keys = set().union(*(_keys(p) for p in paths))
+
+
+def is_protected(path: str | Path) -> bool:
+    """Whether writing ``path`` would replace a file declared with :func:`protect_inputs`."""
+    keys = getattr(_PROTECTED, "keys", set())
+    return bool(keys) and bool(_keys(path) & keys)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write a file through ``write(tmp_path)`` into a temporary file in the same folder, then
+    rename it over ``path``: readers never see half a file, an interrupted run leaves the old
+    file, and an existing symlink at ``path`` is replaced, never written through to its target.
+    The temporary name keeps the suffix (writers that choose the format by it still work).
+    Raises FileExistsError for a protected input (:func:`protect_inputs`)."""
+    path = Path(path)
+    if is_protected(path):
+        raise FileExistsError(f"{path}: refusing to overwrite an input file; choose another output folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()  # some writers refuse an existing file (or append to it)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_label_image(path: str | Path, labels: np.ndarray) -> Path:
-    """Write a 2-D label image as a compressed TIFF (uint16, or uint32 above 65,535 objects)."""
+    """Write a 2-D label image as a compressed TIFF (uint16, or uint32 above 65,535 objects),
+    atomically (:func:`atomic_write`)."""
     import tifffile
 
     path = Path(path)
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"{path}: a label image must be 2-D, got shape {labels.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     top = int(labels.max()) if labels.size else 0
-    tifffile.imwrite(path, labels.astype(label_dtype(top)), compression="zlib")
-    return path
+    data = labels.astype(label_dtype(top))
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cellrcnn.data.masks import MaskFormatError, decode_segmentation
+from cellrcnn.data.masks import MaskFormatError, check_segmentation, decode_segmentation
 from cellrcnn.data.target import Target, make_target
 from cellrcnn.io import prepare_image, read_image
 
@@ -45,9 +45,9 @@ def load_coco_json(path: str | Path) -> dict:
     if not path.is_file():
         raise CocoFormatError(f"{path}: no such annotation file")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CocoFormatError(f"{path}: not valid JSON ({exc})") from exc
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CocoFormatError(f"{path}: not valid JSON ({exc})" if path.stat().st_size else f"{path}: empty file") from exc
     if not isinstance(data, dict):
         raise CocoFormatError(f"{path}: top level must be an object, got {type(data).__name__}")
     for key in ("images", "annotations"):
@@ -57,23 +57,52 @@ def load_coco_json(path: str | Path) -> dict:
             raise CocoFormatError(f"{path}: '{key}' must be a list")
     seen: set[int] = set()
     for n, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise CocoFormatError(f"{path}: images[{n}] is a {type(img).__name__}, not an object")
         missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
         if missing:
             raise CocoFormatError(f"{path}: images[{n}] lacks {missing}")
+        if not _is_int(img["id"]) or not _is_int(img["height"]) or not _is_int(img["width"]) \
+                or img["height"] <= 0 or img["width"] <= 0 or not isinstance(img["file_name"], str):
+            raise CocoFormatError(f"{path}: images[{n}] needs an integer id, positive integer height and "
+                                  f"width and a file_name string (got {_short(img)})")
         if img["id"] in seen:
             raise CocoFormatError(f"{path}: image id {img['id']} listed twice")
         seen.add(img["id"])
     for n, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise CocoFormatError(f"{path}: annotations[{n}] is a {type(ann).__name__}, not an object")
         missing = [k for k in ("image_id", "category_id") if k not in ann]
         if missing:
             raise CocoFormatError(f"{path}: annotations[{n}] (id {ann.get('id')}) lacks {missing}")
+        if not _is_int(ann["image_id"]) or not _is_int(ann["category_id"]):
+            raise CocoFormatError(f"{path}: annotation {ann.get('id', n)} needs integer image_id and category_id")
         if ann["image_id"] not in seen:
             raise CocoFormatError(
                 f"{path}: annotation {ann.get('id', n)} points at unknown image id {ann['image_id']}"
             )
         if not ann.get("segmentation") and not ann.get("bbox"):
             raise CocoFormatError(f"{path}: annotation {ann.get('id', n)} has neither segmentation nor bbox")
+        bbox = ann.get("bbox")
+        if bbox and not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
+            raise CocoFormatError(f"{path}: annotation {ann.get('id', n)} bbox {_short(bbox)} is not 4 finite numbers")
+    for n, cat in enumerate(data.get("categories") or []):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise CocoFormatError(f"{path}: categories[{n}] needs an integer id (got {_short(cat)})")
     return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class CocoInstanceDataset(Dataset):
@@ -126,7 +155,18 @@ class CocoInstanceDataset(Dataset):
                     f"{self.annotation_file}: annotation {ann.get('id')} mask size {seg.get('size')} "
                     f"differs from image {ann['image_id']} size {list(sizes[ann['image_id']])}"
                 )
+            if seg:  # geometry and RLE checked once here, so a bad mask stops training at the start
+                try:
+                    check_segmentation(seg, *sizes[ann["image_id"]])
+                except MaskFormatError as exc:
+                    raise CocoFormatError(f"{self.annotation_file}: annotation {ann.get('id')}: {exc}") from exc
             self._anns[ann["image_id"]].append(ann)
+        if self.images and not any(self._anns.values()):
+            warnings.warn(
+                f"{self.annotation_file}: {len(self.images)} images but no object annotations: a model "
+                "trained on it learns to find nothing, and every metric on it is trivially perfect",
+                stacklevel=2,
+            )
         if n_crowd:
             warnings.warn(
                 f"{self.annotation_file}: skipped {n_crowd} iscrowd annotations (not single objects)",
@@ -165,7 +205,7 @@ class CocoInstanceDataset(Dataset):
             if seg:
                 try:
                     mask = decode_segmentation(seg, h, w)
-                except MaskFormatError as exc:
+                except ValueError as exc:  # MaskFormatError, or pycocotools' bare ValueError
                     raise CocoFormatError(
                         f"{self.annotation_file}: annotation {ann.get('id')}: {exc}"
                     ) from exc

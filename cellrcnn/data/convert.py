@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, type=Path, help="output folder (images/ + annotations/)")
         p.add_argument("--splits", default=None, help="train,val,test shares where no official split (80,10,10)")
         _flag(p, "--strict", "stop at the first bad or missing file")
+        _flag(p, "--force", "write into a non-empty --out that is not an earlier conversion (its files are kept)")
         p.add_argument("--workers", type=int, default=None, help="processes (default: available cores, max 8)")
         EXTRA_OPTIONS[name](p)
     p = sub.add_parser("validate", help="check a converted folder")
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge converted folders into one")
     p.add_argument("out", type=Path)
     p.add_argument("dirs", type=Path, nargs="+")
+    _flag(p, "--force", "write into a non-empty folder that is not an earlier output (its files are kept)")
     p = sub.add_parser("stats", help="counts, object sizes and suggested anchors")
     p.add_argument("dir", type=Path)
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -89,12 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _convert(args) -> int:
     module = import_module(SOURCES[args.command][0])
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "src", "out")}
+    from cellrcnn.data.converters.common import check_output_folder
+
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "src", "out", "force")}
     if "no_images" in kwargs:
         kwargs["images"] = not kwargs.pop("no_images")
     if args.src is not None and args.out.resolve() in (args.src.resolve(), *args.src.resolve().parents):
         raise ValueError(f"--out {args.out} must not contain --src {args.src} (old outputs are cleaned up)")
+    check_output_folder(args.out, args.force)
     module.convert(args.src, args.out, **kwargs)
+    summary = json.loads((args.out / "conversion.json").read_text()) if (args.out / "conversion.json").is_file() else {}
+    if summary.get("images_read") and not summary.get("images_written"):
+        print(f"error: none of the {summary['images_read']} source images could be converted (see above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             from cellrcnn.data.converters.tools import merge
 
-            merge(args.out, args.dirs)
+            merge(args.out, args.dirs, force=args.force)
             return 0
         if args.command == "stats":
             from cellrcnn.data.converters.tools import format_stats, stats

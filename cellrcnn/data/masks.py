@@ -26,30 +26,98 @@ def encode_rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    """Any COCO ``segmentation`` (polygons, compressed or uncompressed RLE) -> uint8 H×W."""
+def rle_counts(counts: str | bytes) -> list[int]:
+    """Run lengths of a compressed COCO RLE ``counts`` string (the inverse of pycocotools'
+    ``rleToString``: 5 bits per character from ``'0'``, a continuation bit, a sign bit, and each
+    run after the second stored as the difference to the run two before).
+
+    pycocotools decodes a corrupt string into garbage, a bare ValueError or a crash; here any
+    character outside ``'0'..'o'``, a string that ends inside a number, or a negative run is a
+    :class:`MaskFormatError`."""
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", "replace")
+    if not isinstance(counts, str):
+        raise MaskFormatError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
+    runs: list[int] = []
+    value = shift = 0
+    for pos, char in enumerate(counts):
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            raise MaskFormatError(f"RLE counts hold an invalid character {char!r} at position {pos}")
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:  # more groups follow
+            continue
+        if code & 0x10:  # sign bit of the last group
+            value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise MaskFormatError(f"RLE counts decode to a negative run ({value}) at position {pos}")
+        runs.append(value)
+        value = shift = 0
+    if shift:
+        raise MaskFormatError("RLE counts end inside a number (truncated string)")
+    return runs
+
+
+def check_segmentation(segmentation, height: int, width: int, margin: float = 1.0) -> None:
+    """Raise :class:`MaskFormatError` unless ``segmentation`` is a mask of an H×W image: polygons
+    with an even number (>= 6) of finite coordinates within ``margin`` px of the image, or an RLE
+    of size [H, W] whose runs are non-negative and sum to H×W. Checked before pycocotools sees it:
+    a NaN or 1e30 coordinate made it allocate tens of GB, a truncated RLE gave a partial mask."""
     if isinstance(segmentation, list):
-        if len(segmentation) == 0:
-            return np.zeros((height, width), np.uint8)
-        polygons = [list(map(float, p)) for p in segmentation]
-        bad = [p for p in polygons if len(p) < 6 or len(p) % 2]
-        if bad:
-            raise MaskFormatError(f"polygon with {len(bad[0])} coordinates; need an even number >= 6")
-        rles = mask_utils.frPyObjects(polygons, height, width)
-        return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
+        for poly in segmentation:
+            try:
+                coords = np.asarray(poly, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise MaskFormatError(f"polygon holds a non-number ({exc})") from exc
+            if coords.ndim != 1 or len(coords) < 6 or len(coords) % 2:
+                raise MaskFormatError(f"polygon with {coords.size} coordinates; need an even number >= 6")
+            if not np.isfinite(coords).all():
+                raise MaskFormatError("polygon holds a NaN or infinite coordinate")
+            x, y = coords[0::2], coords[1::2]
+            if x.min() < -margin or y.min() < -margin or x.max() > width + margin or y.max() > height + margin:
+                raise MaskFormatError(
+                    f"polygon outside the {height}×{width} image (x {x.min():g}..{x.max():g}, y {y.min():g}..{y.max():g})"
+                )
+        return
     if isinstance(segmentation, dict) and "counts" in segmentation:
         size = segmentation.get("size")
-        if size is None or list(size) != [height, width]:
+        if not isinstance(size, list | tuple) or list(size) != [height, width]:
             raise MaskFormatError(f"RLE size {size} differs from the image size {[height, width]}")
         counts = segmentation["counts"]
-        if isinstance(counts, list):  # uncompressed RLE
-            if sum(counts) != height * width:
-                raise MaskFormatError(f"uncompressed RLE covers {sum(counts)} pixels, image has {height * width}")
-            rle = mask_utils.frPyObjects(segmentation, height, width)
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise MaskFormatError("uncompressed RLE counts must be non-negative integers")
+            runs = counts
         else:
-            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        return mask_utils.decode(rle).astype(np.uint8)
+            runs = rle_counts(counts)
+        if sum(runs) != height * width:
+            raise MaskFormatError(
+                f"RLE covers {sum(runs)} pixels, the {height}×{width} image has {height * width} (truncated or corrupt)"
+            )
+        return
     raise MaskFormatError(f"unknown segmentation type {type(segmentation).__name__}")
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """Any COCO ``segmentation`` (polygons, compressed or uncompressed RLE) -> uint8 H×W.
+
+    Checked first (:func:`check_segmentation`): a malformed one raises :class:`MaskFormatError`."""
+    if isinstance(segmentation, list) and len(segmentation) == 0:
+        return np.zeros((height, width), np.uint8)
+    check_segmentation(segmentation, height, width)
+    if isinstance(segmentation, list):
+        polygons = [list(map(float, p)) for p in segmentation]
+        rles = mask_utils.frPyObjects(polygons, height, width)
+        return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
+    counts = segmentation["counts"]
+    if isinstance(counts, list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(np.uint8)
 
 
 def mask_to_bbox(mask: np.ndarray) -> list[float]:

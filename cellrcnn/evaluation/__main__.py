@@ -2,7 +2,8 @@
 
     python -m cellrcnn.evaluation PRED_DIR GT_DIR [--json OUT] [--no-coco]
 
-Files are TIFF, PNG or NPY label images (0 = background; a Cellpose ``_seg.npy`` also works) and
+Files are TIFF, PNG or NPY label images (0 = background; a Cellpose ``_seg.npy`` with
+``--allow-pickle``, as it is a pickle that could run code) and
 are paired by file stem. When no prediction has exactly the GT stem, the stem plus one of
 ``_masks``, ``_cp_masks``, ``_pred``, ``_label``, ``_labels``, ``_seg`` is tried (the names Cellpose,
 StarDist scripts and others write). A GT image without a prediction is scored against an empty
@@ -49,9 +50,13 @@ def find_prediction(stem: str, preds: dict[str, list[Path]]) -> Path | None:
 
 
 def evaluate_folders(
-    pred_dir: Path, gt_dir: Path, coco: bool = True, progress: bool = True
+    pred_dir: Path, gt_dir: Path, coco: bool = True, progress: bool = True, allow_pickle: bool = False,
+    plane: int | None = None,
 ) -> tuple[dict, list]:
-    """Metrics over all GT label images in ``gt_dir``; returns (metrics, per_image)."""
+    """Metrics over all GT label images in ``gt_dir``; returns (metrics, per_image).
+
+    ``allow_pickle``: read Cellpose ``_seg.npy`` files (pickles: only for files you trust).
+    ``plane``: the plane of multi-page label TIFFs to score (a stack without it is an error)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -70,13 +75,13 @@ def evaluate_folders(
     ):
         if len(paths) > 1:
             raise ValueError(f"ambiguous GT files for {stem}: {', '.join(str(p) for p in paths)}")
-        gt = read_label_image(paths[0])
+        gt = read_label_image(paths[0], allow_pickle=allow_pickle, plane=plane)
         pred_path = find_prediction(stem, preds)
         if pred_path is None:
             missing.append(stem)
             pred = np.zeros_like(gt)
         else:
-            pred = read_label_image(pred_path)
+            pred = read_label_image(pred_path, allow_pickle=allow_pickle, plane=plane)
             if pred.shape != gt.shape:
                 raise ValueError(
                     f"{pred_path}: prediction shape {pred.shape} differs from GT {paths[0]} shape {gt.shape}"
@@ -104,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write metrics and per-image rows here")
     parser.add_argument("--no-coco", action="store_true", help="skip COCO AP (faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read Cellpose _seg.npy files (pickles run code: only for files you trust)")
+    parser.add_argument("--plane", type=int, default=None, help="plane of multi-page label TIFFs to score")
     args = parser.parse_args(argv)
     try:
         metrics, per_image = evaluate_folders(
-            args.pred_dir, args.gt_dir, coco=not args.no_coco, progress=not args.quiet
+            args.pred_dir, args.gt_dir, coco=not args.no_coco, progress=not args.quiet,
+            allow_pickle=args.allow_pickle, plane=args.plane,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

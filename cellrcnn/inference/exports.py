@@ -31,9 +31,9 @@ from skimage.measure import find_contours
 
 from cellrcnn.inference.measurements import _intensity_hwc
 from cellrcnn.inference.tiling import estimate_percentiles
-from cellrcnn.io import write_label_image
+from cellrcnn.io import atomic_write, is_protected, write_label_image
 
-__all__ = ["write_label_tiff", "coco_results", "write_coco_results", "object_polygons", "to_geojson",
+__all__ = ["free_stem", "write_label_tiff", "coco_results", "write_coco_results", "object_polygons", "to_geojson",
            "write_geojson", "write_imagej_rois", "overlay_outlines", "write_overlay_png", "write_exports"]
 
 
@@ -104,17 +104,30 @@ def write_coco_results(path: str | Path, results: list[dict], images: list[dict]
     and :class:`cellrcnn.data.coco.CocoInstanceDataset` open directly.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data: object = results
     if images is not None:
         annotations = [{**r, "id": i + 1, "iscrowd": 0} for i, r in enumerate(results)]
         data = {"info": {"description": "cellrcnn predictions"}, "images": images, "annotations": annotations,
                 "categories": [{"id": 1, "name": category}]}
-    path.write_text(json.dumps(data))
-    return path
+    text = json.dumps(data)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 EXPORT_FORMATS = ("tiff", "geojson", "imagej", "overlay")
+EXPORT_SUFFIXES = (".tif", ".geojson", "_rois.zip", "_overlay.png")  # <stem><suffix> per format
+
+
+def free_stem(out_dir: str | Path, stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem_pred``, ``stem_pred2``, ... : the first whose exports would neither
+    replace an input file (:func:`cellrcnn.io.protect_inputs`, e.g. ``a.tif`` predicted into its
+    own folder) nor repeat a stem of this run (``taken``). ``_pred`` is a suffix the evaluation
+    command pairs with ground truth."""
+    out_dir = Path(out_dir)
+    for n in range(1000):
+        name = stem if n == 0 else f"{stem}_pred{n if n > 1 else ''}"
+        if name not in taken and not any(is_protected(out_dir / f"{name}{s}") for s in EXPORT_SUFFIXES):
+            return name
+    raise FileExistsError(f"{out_dir}: no free output name for {stem}")
 
 
 def write_exports(
@@ -242,10 +255,8 @@ def to_geojson(
 
 def write_geojson(path: str | Path, labels: np.ndarray, **kwargs) -> Path:
     """Write :func:`to_geojson` of a label image (keyword arguments passed on)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_geojson(labels, **kwargs)))
-    return path
+    text = json.dumps(to_geojson(labels, **kwargs))
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_imagej_rois(path: str | Path, labels: np.ndarray) -> Path:
@@ -264,16 +275,16 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray) -> Path:
         roi.roitype = roifile.ROI_TYPE.TRACED  # pixel-edge outline, as ImageJ's wand produces
         roi.right, roi.bottom = int(outer[:, 0].max()), int(outer[:, 1].max())
         rois.append(roi)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()  # roiwrite appends to an existing zip
-    if rois:
-        roifile.roiwrite(path, rois, mode="w")
-    else:  # an empty but valid ROI set
-        import zipfile
 
-        zipfile.ZipFile(path, "w").close()
-    return path
+    def write(tmp: Path) -> None:  # a fresh temporary file: roiwrite would append to an existing zip
+        if rois:
+            roifile.roiwrite(tmp, rois, mode="w")
+        else:  # an empty but valid ROI set
+            import zipfile
+
+            zipfile.ZipFile(tmp, "w").close()
+
+    return atomic_write(path, write)
 
 
 def _normalised_hwc(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -298,8 +309,6 @@ def write_overlay_png(path: str | Path, image: np.ndarray, labels: np.ndarray, *
     """Write :func:`overlay_outlines` as a PNG."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(overlay_outlines(image, labels, **kwargs))
     # fast zlib level: at 4096×4096 level 6 took 8 s against 3 s, for a similar file size
-    Image.fromarray(overlay_outlines(image, labels, **kwargs)).save(path, compress_level=1)
-    return path
+    return atomic_write(path, lambda tmp: rgb.save(tmp, format="PNG", compress_level=1))

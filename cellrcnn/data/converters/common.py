@@ -15,6 +15,7 @@ order and no timestamps, so a re-run produces byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -184,8 +185,33 @@ def choose_split(res: ImageResult, fractions: Sequence[float], carve_val: bool =
     return res.split
 
 
+def check_relative_name(name: object, what: str = "file_name") -> str:
+    """``name`` if it is a safe relative posix path (what COCO ``file_name`` and a merge's source
+    folder must be), else ValueError: absolute paths, drive letters, backslashes, ``..`` or empty
+    parts and control characters would place a file outside the dataset folder."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} {name!r} is not a non-empty string")
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":")
+            or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in name)):
+        raise ValueError(f"{what} {name!r} is not a plain relative path inside the dataset folder")
+    return name
+
+
+def inside(root: Path, rel: str, what: str = "file_name") -> Path:
+    """``root / rel`` for a safe ``rel`` (:func:`check_relative_name`) that also stays inside
+    ``root`` once symlinks are resolved."""
+    path = Path(root) / check_relative_name(rel, what)
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ValueError(f"{what} {rel!r} leads outside {root} (through a symbolic link)")
+    return path
+
+
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write atomically; leave an identical existing file untouched (cheap, safe re-runs)."""
+    """Write atomically; leave an identical existing file untouched (cheap, safe re-runs).
+    A path with a ``..`` part (a hostile archive member name) is refused."""
+    if ".." in Path(path).parts:
+        raise ValueError(f"{path}: refusing to write through '..'")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
@@ -211,6 +237,7 @@ def write_coco(
     """Assign ids and splits, write the three annotation files and the report; print the counts."""
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
+    recorded = recorded_images(out)  # what the previous conversion here wrote, read before replacing it
     kept = sorted((r for r in results if r.ok), key=lambda r: r.key)
     seen: dict[str, str] = {}
     for res in kept:
@@ -230,10 +257,14 @@ def write_coco(
         for ann in res.annotations:
             ann_id += 1
             doc["annotations"].append({"id": ann_id, "image_id": image_id, **ann})
+    run = run_id(docs)
+    files = {}
     for split, doc in docs.items():
+        doc["info"]["run"] = run
         text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False) + "\n"
-        write_bytes(out / "annotations" / f"{split}.json", text.encode("utf-8"))
-    _remove_stale_images(out, {r.file_name for r in kept} if not annotation_only else set())
+        files[out / "annotations" / f"{split}.json"] = text.encode("utf-8")
+    write_together(files)
+    removed = remove_stale_images(out, recorded, {r.file_name for r in kept} if not annotation_only else set())
 
     n_read = sum(r.n_read for r in results)
     dropped: dict[str, int] = {}
@@ -246,23 +277,110 @@ def write_coco(
                "instances_read": n_read, "instances_written": ann_id, "dropped": dict(sorted(dropped.items())),
                "instances_in_skipped_files": lost,
                "splits": {s: {"images": len(d["images"]), "instances": len(d["annotations"])} for s, d in docs.items()},
-               "skipped": [{"file": n, "reason": r} for n, r in report.problems]}
+               "skipped": [{"file": n, "reason": r} for n, r in report.problems], "run": run,
+               "removed_stale_images": removed}
     write_bytes(out / "conversion.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
     print_summary(summary)
     return out
 
 
-def _remove_stale_images(out: Path, keep: set[str]) -> None:
-    """Files of an earlier run that this run did not write would be orphans; remove them."""
-    root = out / "images"
-    if not root.is_dir():
+def run_id(docs: dict[str, dict]) -> str:
+    """Identity of one conversion run, written into every split's ``info.run``: a hash of the
+    options and of which images and annotation ids each split holds (deterministic, so a re-run
+    stays byte-identical). ``validate`` checks that all splits carry the same one."""
+    digest = hashlib.sha256()
+    for split in sorted(docs):
+        doc = docs[split]
+        info = {k: v for k, v in doc["info"].items() if k not in ("split", "run")}
+        digest.update(json.dumps([split, info, [(im["id"], im["file_name"]) for im in doc["images"]],
+                                  [a["id"] for a in doc["annotations"]]], sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write several files as one step as far as a file system allows: every temporary file is
+    complete before the first rename, so an interruption while writing leaves the old set whole."""
+    temps = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            temps.append((tmp, path))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _is_cellrcnn_doc(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    info = doc.get("info") if isinstance(doc, dict) else None
+    return doc if isinstance(info, dict) and "cellrcnn" in str(info.get("description", "")) else None
+
+
+def recorded_images(out: Path) -> set[str]:
+    """Image files an earlier conversion (or merge) of this project recorded in ``out``: the
+    ``file_name`` of every image of its ``annotations/{train,val,test}.json``."""
+    names: set[str] = set()
+    for split in SPLITS:
+        doc = _is_cellrcnn_doc(out / "annotations" / f"{split}.json")
+        for img in (doc or {}).get("images", []):
+            if isinstance(img, dict) and isinstance(img.get("file_name"), str):
+                names.add(img["file_name"])
+    return names
+
+
+def is_previous_output(out: Path) -> bool:
+    """Whether ``out`` holds a conversion or merge written by this project."""
+    return (out / "conversion.json").is_file() or any(
+        _is_cellrcnn_doc(out / "annotations" / f"{s}.json") is not None for s in SPLITS
+    )
+
+
+def check_output_folder(out: str | Path, force: bool = False) -> None:
+    """Refuse an output folder that holds anything but an earlier output of this project, unless
+    ``force`` (its other files are then kept: only recorded files are ever removed)."""
+    out = Path(out)
+    if not out.exists():
         return
-    for path in sorted(root.rglob("*"), reverse=True):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in keep:
+    if not out.is_dir():
+        raise ConversionError(f"--out {out} is a file, not a folder")
+    if force or not any(out.iterdir()) or is_previous_output(out):
+        return
+    raise ConversionError(
+        f"--out {out} is not empty and holds no earlier conversion; choose an empty or new folder, "
+        "or pass --force to write into it (files that no conversion recorded are never removed)"
+    )
+
+
+def remove_stale_images(out: Path, recorded: set[str], keep: set[str]) -> list[str]:
+    """Remove the images an earlier run recorded (``recorded``) that this run did not write
+    (``keep``): they would be orphans. Files nobody recorded are left alone. Returns and prints
+    the removed names."""
+    root = out / "images"
+    removed = []
+    for name in sorted(recorded - keep):
+        try:
+            path = inside(root, name)
+        except ValueError:
+            continue  # a hostile name in an old file: never followed
+        if path.is_file() or path.is_symlink():
             path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+            removed.append(name)
+            parent = path.parent
+            while parent != root and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    if removed:
+        print(f"removed {len(removed)} image(s) of the earlier conversion that this one no longer writes: "
+              + ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""))
+    return removed
 
 
 def print_summary(s: dict) -> None:

@@ -16,6 +16,9 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 Ref = tuple[str, str]
+# members are read whole into memory (images, masks, CSVs): a member declaring or decompressing to
+# more than this is refused before it can exhaust memory (a zip bomb, or a wrong file in an archive)
+MAX_MEMBER_BYTES = int(os.environ.get("CELLRCNN_MAX_MEMBER_BYTES", 2 << 30))
 _JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 _OPEN_ZIPS: dict[tuple[str, int], zipfile.ZipFile] = {}
 
@@ -41,12 +44,31 @@ def read_ref(ref: Ref) -> bytes:
     archive, name = ref
     if archive:
         try:
-            return _zip(archive).read(name)
+            return _read_member(_zip(archive), name, f"{archive}:{name}")
         except KeyError as exc:
             raise FileNotFoundError(f"{archive}:{name}: no such member") from exc
         except (zipfile.BadZipFile, OSError, EOFError) as exc:  # corrupt member data
             raise OSError(f"{archive}:{name}: cannot read ({exc})") from exc
+    size = Path(name).stat().st_size
+    if size > MAX_MEMBER_BYTES:
+        raise OSError(f"{name}: {size:,} bytes, above the limit of {MAX_MEMBER_BYTES:,} (CELLRCNN_MAX_MEMBER_BYTES)")
     return Path(name).read_bytes()
+
+
+def _read_member(handle: zipfile.ZipFile, name: str, where: str, limit: int | None = None) -> bytes:
+    """A member's bytes, refusing one whose declared size exceeds ``limit`` (default
+    :data:`MAX_MEMBER_BYTES`) before reading, and reading at most ``limit`` + 1 bytes, so a member
+    whose header understates its size is reported as soon as it decompresses past the limit."""
+    limit = MAX_MEMBER_BYTES if limit is None else limit
+    info = handle.getinfo(name)
+    if info.file_size > limit:
+        raise OSError(f"{where}: declares {info.file_size:,} bytes uncompressed, above the limit of {limit:,} "
+                      "(CELLRCNN_MAX_MEMBER_BYTES)")
+    with handle.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{where}: decompresses past the limit of {limit:,} bytes (CELLRCNN_MAX_MEMBER_BYTES)")
+    return data
 
 
 def ref_name(ref: Ref) -> str:
@@ -64,6 +86,9 @@ class SourceTree:
             raise FileNotFoundError(f"{self.root}: no such file or folder")
         if self.root.is_file():
             if not zipfile.is_zipfile(self.root):
+                if self.root.suffix.lower() == ".zip":
+                    raise ValueError(f"{self.root}: not a readable zip archive (truncated or corrupt: its "
+                                     "central directory is missing; download it again)")
                 raise ValueError(f"{self.root}: expected a folder or a .zip archive")
             self._mount(self.root)
             return

@@ -9,15 +9,30 @@ from pathlib import Path
 
 import numpy as np
 
-from cellrcnn.data.converters.common import SPLITS, _remove_stale_images, write_bytes
+from cellrcnn.data.converters.common import (
+    SPLITS,
+    check_output_folder,
+    check_relative_name,
+    inside,
+    recorded_images,
+    remove_stale_images,
+    run_id,
+    write_bytes,
+    write_together,
+)
 from cellrcnn.data.converters.validate import load_split_files
 
 
-def merge(out: str | Path, dirs: list[str | Path]) -> Path:
+def merge(out: str | Path, dirs: list[str | Path], force: bool = False) -> Path:
     """Merge converted folders into ``out``: split by split, images copied to
     ``images/<source>/<file>`` and tagged with ``source``, categories united by name, all ids
-    renumbered (images, then annotations, in argument order)."""
+    renumbered (images, then annotations, in argument order).
+
+    Every ``info.source`` and ``file_name`` must be a plain relative name (no ``..``, no absolute
+    path): they become paths under ``out``. ``out`` must be new, empty or an earlier output of
+    this project unless ``force``."""
     out = Path(out)
+    check_output_folder(out, force)
     docs = []
     names: list[str] = []
     for d in dirs:
@@ -27,8 +42,14 @@ def merge(out: str | Path, dirs: list[str | Path]) -> Path:
         split_docs = load_split_files(d)
         if not split_docs:
             raise ValueError(f"{d}: no annotations/*.json (not a converted folder)")
-        info = next(iter(split_docs.values()))["info"]
-        name = str(info.get("source") or d.name)
+        info = next(iter(split_docs.values())).get("info") or {}
+        name = check_relative_name(str(info.get("source") or d.name), f"{d}: info.source")
+        if "/" in name:
+            raise ValueError(f"{d}: info.source {name!r} must be a single folder name")
+        for split, doc in split_docs.items():
+            for img in doc.get("images", []):
+                check_relative_name(img.get("file_name") if isinstance(img, dict) else img,
+                                    f"{d}/annotations/{split}.json: file_name")
         while name in names:  # two folders of one source stay apart
             name += "_2"
         names.append(name)
@@ -46,6 +67,8 @@ def merge(out: str | Path, dirs: list[str | Path]) -> Path:
             "annotation_only": any(i.get("annotation_only", False) for _, _, i, _ in docs)}
     image_id = ann_id = 0
     written: set[str] = set()
+    recorded = recorded_images(out)
+    files, merged_docs = {}, {}
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         merged = {"info": {**info, "split": split}, "licenses": [], "categories": categories,
@@ -63,15 +86,21 @@ def merge(out: str | Path, dirs: list[str | Path]) -> Path:
                 merged["images"].append({**img, "id": image_id, "file_name": file_name, "source": name,
                                          "source_image_id": img["id"]})
                 if not src_info.get("annotation_only", False):
-                    write_bytes(out / "images" / file_name, (d / "images" / img["file_name"]).read_bytes())
+                    data = inside(d / "images", img["file_name"]).read_bytes()
+                    write_bytes(inside(out / "images", file_name), data)
                     written.add(file_name)
             for ann in doc["annotations"]:
                 ann_id += 1
                 merged["annotations"].append({**ann, "id": ann_id, "image_id": id_map[ann["image_id"]],
                                               "category_id": cat_map[ann["category_id"]]})
+        merged_docs[split] = merged
+    run = run_id(merged_docs)
+    for split, merged in merged_docs.items():
+        merged["info"]["run"] = run
         text = json.dumps(merged, separators=(",", ":"), ensure_ascii=False) + "\n"
-        write_bytes(out / "annotations" / f"{split}.json", text.encode("utf-8"))
-    _remove_stale_images(out, written)
+        files[out / "annotations" / f"{split}.json"] = text.encode("utf-8")
+    write_together(files)
+    remove_stale_images(out, recorded, written)
     print(f"merged {len(docs)} folders ({', '.join(names)}): {image_id:,} images, {ann_id:,} instances -> {out}")
     return out
 
