@@ -1,0 +1,215 @@
+"""The FastAPI application: ``/health``, ``/models``, ``POST /segment`` and the web page at ``/``.
+
+Every request that carries an image gets its own temporary folder inside the server's temporary
+root, deleted before the answer leaves (also on errors); the client's file name never becomes a
+path. Client errors are 4xx with a JSON ``detail`` saying what is wrong; an unexpected failure of
+one image is a 500 for that request only.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from cellrcnn import __version__
+from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull
+from cellrcnn.serve.outputs import FORMATS, formats_help, render_file, result_json
+from cellrcnn.serve.uploads import (
+    Upload,
+    UploadError,
+    image_pixels,
+    read_multipart,
+    safe_name,
+    safe_stem,
+    sniff_suffix,
+)
+
+STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("cellrcnn.serve")
+
+
+@dataclass
+class ServeSettings:
+    """Limits of the service (command-line options of ``cellrcnn serve``)."""
+
+    max_upload_mb: float = 50.0  # request body, checked while it streams in
+    max_megapixels: float = 50.0  # image size, checked from the file header before decoding
+    workers: int = 1  # images segmented at the same time
+    max_queue: int = 8  # further images admitted to wait; beyond: 503 + Retry-After
+    tile_size: int = 1024
+    tile_overlap: int = 128
+
+
+def _parse_number(fields: dict[str, str], name: str, allow_auto: bool = False) -> float | str | None:
+    value = fields.get(name, "").strip()
+    if not value:
+        return None
+    if allow_auto and value.lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise UploadError(422, f"{name} must be a positive number{' or auto' if allow_auto else ''}, got {value!r}")
+    return number
+
+
+SEGMENT_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {
+                "file": {"type": "string", "format": "binary",
+                         "description": "the image: PNG, TIFF, JPEG or BMP; 8/16-bit, grey or colour"},
+                "model": {"type": "string", "description": "a name from GET /models (default: the server's model)"},
+                "diameter": {"type": "string", "description": "typical object diameter in pixels, or auto "
+                                                              "(resizes the image to the model's object size)"},
+                "pixel_size": {"type": "number", "description": "µm per pixel: measurements in µm and µm²"},
+                "channel": {"type": "integer", "description": "segment this channel of a multi-channel image"},
+                "include_overlay": {"type": "boolean", "description": "JSON answer only: add the overlay PNG "
+                                                                     "as overlay_png_base64"},
+            },
+        }}},
+    }
+}
+
+
+def create_app(model: str = "nuclei", settings: ServeSettings | None = None) -> FastAPI:
+    """The application, with ``model`` (a shipped model name or a checkpoint path) loaded now."""
+    settings = settings or ServeSettings()
+    registry = ModelRegistry(model, tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
+    registry.get()  # loaded once, before the first request; a broken checkpoint fails at start-up
+    pool = InferencePool(settings.workers, settings.max_queue)
+    temp_root = Path(tempfile.mkdtemp(prefix="cellrcnn-serve-"))
+    job_seconds = [1.0]  # running mean of a job's duration, for Retry-After
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.pool.shutdown()
+        shutil.rmtree(temp_root, ignore_errors=True)
+
+    app = FastAPI(
+        title="cellrcnn", version=__version__, lifespan=lifespan,
+        description="Instance segmentation of cells and nuclei. `POST /segment` an image; the answer is "
+                    f"JSON, or with `?format=` one file: {formats_help()}. The server keeps no image and "
+                    "no result: a download sends the image again.",
+    )
+    app.state.registry, app.state.pool, app.state.temp_root, app.state.settings = registry, pool, temp_root, settings
+
+    def retry_after() -> str:
+        pool = app.state.pool
+        return str(max(1, math.ceil(job_seconds[0] * pool.capacity / pool.workers)))
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, exc: UploadError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull):
+        return JSONResponse({"detail": f"the server is busy: {exc}; retry later"}, status_code=503,
+                            headers={"Retry-After": retry_after()})
+
+    @app.get("/health", summary="liveness and the default model")
+    def health() -> dict:
+        pool = app.state.pool
+        return {"status": "ok", "model": registry.default, "version": __version__,
+                "queue": {"admitted": pool.admitted, "capacity": pool.capacity, "completed": pool.completed}}
+
+    @app.get("/models", summary="the models a request may name, with their model cards")
+    def models() -> dict:
+        return {"default": registry.default, "models": registry.cards()}
+
+    def segment_job(upload: Upload, suffix: str, model_name: str, fmt: str | None, diameter, pixel_size,
+                    channel: int | None, include_overlay: bool):
+        """Runs in a worker thread: decode, segment, answer; the temporary folder dies with it."""
+        from cellrcnn.io import ImageReadError
+
+        start = time.perf_counter()
+        client_name = safe_name(upload.filename, f"image{suffix}")
+        with tempfile.TemporaryDirectory(dir=temp_root) as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(upload.data)
+            shape = image_pixels(path)
+            if shape and shape[0] * shape[1] > settings.max_megapixels * 1e6:
+                raise UploadError(422, f"{client_name}: {shape[1]}×{shape[0]} pixels exceeds the limit of "
+                                       f"{settings.max_megapixels:g} megapixels")
+            try:
+                result = registry.get(model_name).segment(path, diameter=diameter, channel=channel,
+                                                          pixel_size=pixel_size, name=client_name)
+            except ImageReadError as exc:  # the message names our temporary file: name the client's
+                raise UploadError(422, str(exc).replace(str(path), client_name)) from exc
+            except ValueError as exc:  # a diameter the model cannot use, a channel out of range, ...
+                raise UploadError(422, f"{client_name}: {exc}") from exc
+            if fmt is None:
+                answer = result_json(result, model_name)
+                if include_overlay:  # the web page shows it without a second request
+                    png = render_file(result, "overlay", Path(tmp), "overlay")[0]
+                    answer["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
+            else:
+                try:
+                    answer = render_file(result, fmt, Path(tmp), safe_stem(upload.filename))
+                except ValueError as exc:
+                    raise UploadError(422, str(exc)) from exc
+        job_seconds[0] = 0.8 * job_seconds[0] + 0.2 * (time.perf_counter() - start)
+        return answer
+
+    @app.post("/segment", summary="segment one image", openapi_extra=SEGMENT_FORM,
+              response_description="JSON (n_objects, width, height, model, cells, summary, downloads), "
+                                   "or the file asked for by format")
+    async def segment(request: Request, format: str | None = Query(  # noqa: A002 - the public parameter name
+            None, description=f"answer with one file instead of JSON: {', '.join(FORMATS)}")):
+        if format is not None and format not in FORMATS:
+            raise UploadError(422, f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+        pool = app.state.pool  # read per request: an operator (or a test) may swap in another pool
+        if pool.admitted >= pool.capacity:  # refuse before reading a body that would only wait
+            raise QueueFull(f"{pool.admitted} images are being segmented or waiting (capacity {pool.capacity})")
+        upload = await read_multipart(request.headers.get("content-type", ""), request.headers.get("content-length"),
+                                      request.stream(), int(settings.max_upload_mb * 2**20))
+        fields = upload.fields
+        model_name = fields.get("model") or registry.default
+        if model_name not in registry.names:
+            raise UploadError(422, f"unknown model {model_name!r}; available: {', '.join(registry.names)}")
+        diameter = _parse_number(fields, "diameter", allow_auto=True)
+        pixel_size = _parse_number(fields, "pixel_size")
+        channel = fields.get("channel", "").strip()
+        if channel and not channel.isdigit():
+            raise UploadError(422, f"channel must be a channel index (0, 1, ...), got {channel!r}")
+        include_overlay = fields.get("include_overlay", "").lower() in ("1", "true", "yes")
+        suffix = sniff_suffix(upload.data[:16])
+        if suffix is None:
+            raise UploadError(415, f"{safe_name(upload.filename)}: not an image "
+                                   "(PNG, TIFF, JPEG or BMP expected)")
+        try:
+            answer = await pool.run(segment_job, upload, suffix, model_name, format, diameter, pixel_size,
+                                    int(channel) if channel else None, include_overlay)
+        except (UploadError, QueueFull):
+            raise
+        except Exception:  # one image's failure must not take the server down; the log has the trace
+            log.exception("segmenting %s failed", upload.filename)
+            return JSONResponse({"detail": "internal error while segmenting this image"}, status_code=500)
+        if format is None:
+            return JSONResponse(answer)
+        data, media_type, filename = answer
+        return Response(data, media_type=media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

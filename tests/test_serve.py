@@ -1,0 +1,208 @@
+"""The HTTP service in-process (httpx over ASGI) with the shipped model: every endpoint and format,
+each bad input's status and message, the bounded queue, and concurrent requests answering as
+sequential ones do. Images are small disk fields whose object count is known."""
+
+import asyncio
+import io
+import json
+import zipfile
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from cellrcnn.serve import main
+from cellrcnn.serve.app import ServeSettings, create_app
+from cellrcnn.serve.jobs import InferencePool, QueueFull
+from cellrcnn.serve.outputs import FORMATS
+from cellrcnn.serve.uploads import safe_name, sniff_suffix
+
+LIMIT_MB = 1.0
+
+
+def disks_png(n: int, size: int = 128, value: int = 200) -> bytes:
+    """PNG bytes of a size×size field with ``n`` (<= 4) separated disks of radius 9 px (≈ 254 px area)."""
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((size, size), 20, np.uint8)
+    for cy, cx in ((30, 30), (30, 90), (90, 30), (90, 90))[:n]:
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 81] = value
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app():
+    return create_app("nuclei", ServeSettings(max_upload_mb=LIMIT_MB, max_megapixels=0.1, workers=2, max_queue=2))
+
+
+def request(app, *calls):
+    """Run ``(method, url, kwargs)`` calls concurrently against the app; returns the responses in order."""
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cellrcnn.test", timeout=300) as client:
+            return await asyncio.gather(*(client.request(m, url, **kw) for m, url, kw in calls))
+
+    return asyncio.run(go())
+
+
+def post(app, data: bytes, filename="cells.png", fmt=None, **fields):
+    url = "/segment" + (f"?format={fmt}" if fmt else "")
+    return request(app, ("POST", url, {"files": {"file": (filename, data, "image/png")}, "data": fields}))[0]
+
+
+def test_health_and_models(app):
+    health, models = request(app, ("GET", "/health", {}), ("GET", "/models", {}))
+    assert health.status_code == 200
+    assert {k: health.json()[k] for k in ("status", "model")} == {"status": "ok", "model": "nuclei"}
+    listed = {m["name"]: m for m in models.json()["models"]}
+    assert listed["nuclei"]["default"] and listed["nuclei"]["card"]["module"] == "UNetModule"
+
+
+def test_page_and_assets_are_served_locally(app):
+    page, js, css, docs = request(app, ("GET", "/", {}), ("GET", "/static/app.js", {}), ("GET", "/static/style.css", {}),
+                                  ("GET", "/openapi.json", {}))
+    assert page.status_code == js.status_code == css.status_code == 200
+    assert "/static/app.js" in page.text and "/static/style.css" in page.text and "fetch(" in js.text
+    for asset in (page, js, css):  # nothing from a CDN: the page works offline
+        assert "http://" not in asset.text and "https://" not in asset.text
+    assert "multipart/form-data" in json.dumps(docs.json()["paths"]["/segment"])
+
+
+def test_segment_json(app):
+    response = post(app, disks_png(3), filename="three disks.png", pixel_size="0.5", include_overlay="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["n_objects"], body["width"], body["height"], body["model"]) == (3, 128, 128, "nuclei")
+    assert len(body["cells"]) == 3 and body["summary"]["count"] == 3
+    assert all(60 < cell["area_um2"] < 70 for cell in body["cells"])  # 249-257 px × 0.25 µm²
+    assert body["cells"][0]["image"] == "three_disks.png"
+    assert set(body["downloads"]) == set(FORMATS)
+    overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["overlay_png_base64"])))
+    assert overlay.size == (128, 128) and overlay.mode == "RGB"
+
+
+def test_every_format_is_a_file_of_the_same_segmentation(app):
+    data = disks_png(4)
+    files = {fmt: post(app, data, filename="field.png", fmt=fmt) for fmt in FORMATS}
+    for fmt, response in files.items():
+        assert response.status_code == 200, (fmt, response.text)
+        assert response.headers["content-type"].startswith(FORMATS[fmt][0])
+        assert response.headers["content-disposition"] == f'attachment; filename="field{FORMATS[fmt][1]}"'
+    labels = tifffile.imread(io.BytesIO(files["tiff"].content))
+    assert labels.dtype == np.uint16 and labels.shape == (128, 128) and labels.max() == 4
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(files["png"].content))), labels)
+    assert len(files["geojson"].json()["features"]) == 4
+    assert len(zipfile.ZipFile(io.BytesIO(files["imagej"].content)).namelist()) == 4
+    table = pd.read_csv(io.BytesIO(files["csv"].content))
+    assert list(table["label"]) == [1, 2, 3, 4] and table["area_px"].between(240, 270).all()
+    assert Image.open(io.BytesIO(files["overlay"].content)).size == (128, 128)
+
+
+def test_bad_inputs_get_4xx_saying_what_is_wrong(app):
+    too_many_pixels = io.BytesIO()
+    Image.fromarray(np.zeros((400, 400), np.uint8)).save(too_many_pixels, format="PNG")  # 0.16 MP > 0.1
+    cases = [
+        (post(app, b"a,b\n1,2\n", filename="table.csv"), 415, "table.csv: not an image"),
+        (post(app, disks_png(1)[:60], filename="cut.png"), 422, "cut.png: cannot read image"),
+        (post(app, too_many_pixels.getvalue(), filename="big.png"), 422, "400×400 pixels exceeds the limit of 0.1"),
+        (post(app, disks_png(1), model="nuclei_../../x"), 422, "unknown model 'nuclei_../../x'; available: nuclei"),
+        (post(app, disks_png(1), fmt="jpeg"), 422, "unknown format 'jpeg'; choose from tiff, png"),
+        (post(app, disks_png(1), diameter="-3"), 422, "diameter must be a positive number or auto"),
+        (post(app, disks_png(1), pixel_size="nan"), 422, "pixel_size must be a positive number"),
+        (post(app, b""), 422, "empty file"),
+    ]
+    no_file, not_multipart, declared_too_large = request(
+        app,
+        ("POST", "/segment", {"data": {"model": "nuclei"}, "files": {"other": ("x.txt", b"x")}}),
+        ("POST", "/segment", {"content": disks_png(1), "headers": {"content-type": "image/png"}}),
+        ("POST", "/segment", {"content": b"x", "headers": {"content-type": "multipart/form-data; boundary=B",
+                                                           "content-length": str(5 * 2**20)}}),
+    )
+    cases += [(no_file, 422, "no 'file' field"), (not_multipart, 415, "multipart/form-data"),
+              (declared_too_large, 413, "5.0 MB exceeds the limit of 1 MB")]
+    for response, status, message in cases:
+        assert response.status_code == status, (message, response.text)
+        assert message in response.json()["detail"]
+    assert list(app.state.temp_root.iterdir()) == []  # every request's folder is gone, failures included
+
+
+def test_upload_size_is_checked_while_streaming(app):
+    """A body without Content-Length is cut off at the limit: the server stops reading it."""
+    chunk, n_chunks, sent = b"\0" * 65536, 64, []  # 4 MB against a 1 MB limit
+
+    async def body():
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="huge.png"\r\n\r\n\x89PNG\r\n\x1a\n'
+        for i in range(n_chunks):
+            sent.append(i)
+            yield chunk
+
+    response = request(app, ("POST", "/segment", {
+        "content": body(), "headers": {"content-type": "multipart/form-data; boundary=B"}}))[0]
+    assert response.status_code == 413 and "limit of 1 MB" in response.json()["detail"]
+    assert len(sent) <= LIMIT_MB * 2**20 / len(chunk) + 1 < n_chunks
+
+
+def test_client_file_names_never_become_paths(app, tmp_path):
+    response = post(app, disks_png(2), filename="../../../../tmp/evil name.png", fmt="csv")
+    assert response.status_code == 200
+    assert response.headers["content-disposition"] == 'attachment; filename="evil_name.csv"'
+    assert list(app.state.temp_root.iterdir()) == []
+    assert safe_name("..\\..\\a b.TIF") == "a_b.TIF" and safe_name("../") == "the upload"
+
+
+def test_concurrent_requests_answer_as_sequential_ones(app):
+    images = {n: disks_png(n, value=100 + 30 * n) for n in (1, 2, 3, 4)}
+    sequential = {n: post(app, data, filename=f"{n}.png").json() for n, data in images.items()}
+    calls = [("POST", "/segment", {"files": {"file": (f"{n}.png", images[n], "image/png")}})
+             for n in (4, 3, 2, 1)]  # four at once: two run, two wait in the queue
+    concurrent = request(app, *calls)
+    for n, response in zip((4, 3, 2, 1), concurrent, strict=True):
+        assert response.status_code == 200 and response.json() == sequential[n]
+        assert response.json()["n_objects"] == n
+
+
+def test_full_queue_answers_503_with_retry_after(app):
+    app.state.pool, default_pool = InferencePool(workers=1, max_queue=0), app.state.pool
+    try:
+        calls = [("POST", "/segment", {"files": {"file": ("a.png", disks_png(2), "image/png")}})] * 3
+        statuses = sorted(r.status_code for r in request(app, *calls))
+        busy = request(app, *calls[:2])[1]  # the first runs (>= 0.1 s), the second finds the queue full
+    finally:
+        app.state.pool.shutdown()
+        app.state.pool = default_pool
+    assert statuses == [200, 503, 503]
+    assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
+    assert "busy" in busy.json()["detail"]
+
+
+def test_pool_admits_at_most_workers_plus_queue():
+    import threading
+
+    release = threading.Event()
+
+    async def go():
+        pool = InferencePool(workers=1, max_queue=1)
+        running = [asyncio.ensure_future(pool.run(release.wait)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await pool.run(release.wait)
+        release.set()
+        assert await asyncio.gather(*running) == [True, True]
+        assert (pool.admitted, pool.completed) == (0, 2)
+        pool.shutdown()
+
+    asyncio.run(go())
+
+
+def test_sniffing_and_command_line_errors(capsys):
+    assert sniff_suffix(disks_png(1)) == ".png" and sniff_suffix(b"II*\0rest") == ".tif"
+    assert sniff_suffix(b"%PDF-1.4") is None
+    assert main(["--model", "no_such_model"]) == 2
+    assert "unknown model 'no_such_model'; available: nuclei" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--max-upload-mb" in capsys.readouterr().out
