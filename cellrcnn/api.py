@@ -50,9 +50,10 @@ def model_card(name: str, weights_dir: str | Path | None = None) -> dict[str, An
 def as_image(image: np.ndarray, channel: int | None = None) -> np.ndarray:
     """An in-memory image -> raw H×W or H×W×3 pixels, as :func:`cellrcnn.io.read_image` gives a file.
 
-    Accepts H×W and H×W×C arrays of any dtype (C = 1..4; alpha, the 4th channel, is dropped;
-    a 2-channel grey+alpha image keeps its grey). ``channel`` picks one channel of H×W×C
-    (any C, e.g. the DAPI plane of a multi-channel stack) and gives a grey image.
+    Accepts H×W, H×W×1, H×W×3 and H×W×4 arrays of any dtype (RGBA: alpha is dropped).
+    ``channel`` picks one channel of H×W×C (any C, e.g. the DAPI plane of a multi-channel
+    stack) and gives a grey image; other channel counts need it (which one holds the nuclei
+    cannot be guessed).
     """
     image = np.asarray(image)
     if image.dtype == bool:
@@ -65,13 +66,13 @@ def as_image(image: np.ndarray, channel: int | None = None) -> np.ndarray:
         if not -image.shape[-1] <= int(channel) < image.shape[-1]:
             raise ValueError(f"channel={channel} is out of range for {image.shape[-1]} channels")
         image = image[..., int(channel)]
-    if image.ndim == 3 and image.shape[-1] in (1, 2):
+    if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     elif image.ndim == 3 and image.shape[-1] == 4:
         image = image[..., :3]
     if image.ndim not in (2, 3) or image.ndim == 3 and image.shape[-1] != 3:
-        raise ValueError(f"expected an H×W or H×W×C image (C <= 4), got shape {image.shape}; "
-                         "pick one plane with channel=...")
+        raise ValueError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {image.shape}; "
+                         "pick the nuclei channel with channel=...")
     if min(image.shape[:2]) == 0:
         raise ValueError(f"empty image of shape {image.shape}")
     return image
@@ -188,7 +189,8 @@ class Segmenter:
 
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
-            image = read_image(image)
+            # the reader picks the channel itself: it knows a file's colour from its non-colour channels
+            image, channel = read_image(image, channel=channel), None
         raw = as_image(image, channel)
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
         labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,

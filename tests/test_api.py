@@ -121,11 +121,11 @@ def test_segment_many_in_order_with_pixel_size(segmenter, tmp_path):
 
 
 def test_as_image_rules():
-    grey_alpha = np.zeros((8, 9, 2), np.uint8)
-    assert as_image(grey_alpha).shape == (8, 9)
+    assert as_image(np.zeros((8, 9, 1), np.uint16)).shape == (8, 9)
+    assert as_image(np.zeros((8, 9, 2), np.uint8), channel=1).shape == (8, 9)
     assert as_image(np.zeros((8, 9, 4), np.float32)).shape == (8, 9, 3)
     assert as_image(np.zeros((8, 9), bool)).dtype == np.uint8
-    for bad, message in ((np.zeros((2, 8, 9, 3)), "H×W"), (np.zeros((0, 9)), "empty"),
+    for bad, message in ((np.zeros((2, 8, 9, 3)), "H×W"), (np.zeros((8, 9, 2)), "channel="), (np.zeros((0, 9)), "empty"),
                          (np.array([["a"]]), "numbers")):
         with pytest.raises(ValueError, match=message):
             as_image(bad)
