@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.data.mixed import ID_STRIDE, MixedDataModule, source_of_image_id
+from cellrcnn.data.mixed import (
+    ID_STRIDE,
+    MixedDataModule,
+    image_diameters,
+    resize_factors,
+    source_of_image_id,
+)
 from cellrcnn.data.synthetic import generate_dataset
-from cellrcnn.inference.scale import annotation_diameter
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +40,29 @@ def test_each_source_gets_its_share_of_draws_whatever_its_size(roots):
     assert [tuple(i.shape) for i in images] == [(3, 64, 64)] * 2
 
 
-def test_sources_are_resized_towards_one_nucleus_size(roots):
-    median = annotation_diameter(roots["alpha"] / "annotations" / "train.json")
-    dm = _module(roots, target_diameter=1.5 * median, max_rescale=1.2, augment=False)
+def test_images_are_resized_towards_one_nucleus_size(roots):
+    dm = _module(roots, target_diameter=30.0, rescale_strength=1.0, max_rescale=1.5, augment=False)
     dm.setup("validate")
-    alpha, beta = dm.sources
-    assert alpha.scale == pytest.approx(1.2)  # 1.5 clipped to max_rescale
-    assert beta.scale == pytest.approx(np.clip(1.5 * median / annotation_diameter(
-        roots["beta"] / "annotations" / "train.json"), 1 / 1.2, 1.2))
+    (_, alpha, factors), _ = dm.eval_sets("val")
+    diameters = image_diameters(alpha)
+    assert np.all(np.isfinite(diameters)) and np.all(diameters > 3)
+    assert factors == pytest.approx(np.clip(30.0 / diameters, 1 / 1.5, 1.5))
     image, target = dm.datasets["val"][0][0]
-    assert tuple(image.shape[1:]) == (round(96 * 1.2),) * 2 == tuple(target["masks"].shape[1:])
-    assert dm.training_object_diameter() == pytest.approx(1.5 * median)
+    assert tuple(image.shape[1:]) == (round(96 * factors[0]),) * 2 == tuple(target["masks"].shape[1:])
+    half = _module(roots, target_diameter=30.0, rescale_strength=0.5, max_rescale=8.0)
+    assert half.eval_sets("val")[0][2] == pytest.approx(np.sqrt(30.0 / diameters))  # halfway in log scale
+    assert resize_factors(np.array([np.nan, 10.0]), 40.0, 1.0, 2.0) == pytest.approx([1.0, 2.0])
+    assert resize_factors(np.array([10.0]), None, 1.0, 2.0) == pytest.approx([1.0])
+
+
+def test_training_crops_follow_each_images_factor(roots):
+    dm = _module(roots, target_diameter=200.0, rescale_strength=1.0, max_rescale=4.0, scale_range=None)
+    dm.setup("fit")
+    first = dm.datasets["train"].datasets[0]
+    assert first.factors == pytest.approx(np.full(6, 4.0))  # small synthetic nuclei, clipped at 4x
+    image, target = first[0]
+    n_native = len(first.base.load_target(0)["masks"])
+    assert tuple(image.shape) == (3, 64, 64) and 0 < len(target["masks"]) <= n_native
 
 
 def test_one_validation_loader_per_source_with_ids_kept_apart(roots):
@@ -89,6 +106,9 @@ def test_training_logs_per_source_metrics_and_records_training_images(roots, tmp
     model = load_module(tmp_path / "checkpoints" / "last.ckpt")
     train_images = sorted((roots["alpha"] / "images").glob("train_*")) + sorted((roots["beta"] / "images").glob("train_*"))
     assert model.training_images == sorted({file_digest(p) for p in train_images})
-    assert model.object_diameter == pytest.approx(20.0)  # the common size the sources were resized to
+    expected = compose_config("train", overrides, tmp_path)  # the median size the model trained at
+    from hydra.utils import instantiate
+
+    assert model.object_diameter == pytest.approx(instantiate(expected.data).training_object_diameter())
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["cellrcnn_training_images"] == model.training_images

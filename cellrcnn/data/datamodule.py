@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
+from cellrcnn.data.appearance import appearance_key  # noqa: F401  (re-exported)
 from cellrcnn.data.coco import CocoInstanceDataset, to_tensors
 from cellrcnn.data.splits import split_by_hash  # noqa: F401  (re-exported: the one split rule)
 from cellrcnn.data.target import Target
@@ -71,18 +72,6 @@ class AugmentedDataset(Dataset):
         image, target = self.base.load_numpy(index)
         image, target = self.transforms(image, target, self._sample_rng())
         return to_tensors(image, target)
-
-
-def appearance_key(raw: np.ndarray) -> tuple[int, int, bool, bool]:
-    """(height, width, colour, bright background) of raw pixels: a proxy for the acquisition
-    protocol. Colour means the first and last channels differ (a stain, not grey stored as RGB);
-    a bright background means the median is above half the maximum (brightfield, H&E)."""
-    raw = np.asarray(raw)
-    rgb = raw[..., :3].astype(np.float32) if raw.ndim == 3 else raw.astype(np.float32)
-    colour = rgb.ndim == 3 and rgb.shape[-1] >= 3 and float(np.abs(rgb[..., 0] - rgb[..., 2]).mean()) > 2.0
-    grey = rgb.mean(axis=-1) if rgb.ndim == 3 else rgb
-    bright = float(np.median(grey)) > 0.5 * float(grey.max())
-    return int(raw.shape[0]), int(raw.shape[1]), bool(colour), bool(bright)
 
 
 def balanced_weights(keys: Sequence[Hashable]) -> np.ndarray:
@@ -239,7 +228,57 @@ class CellDataModule(L.LightningDataModule):
         # stream (new shuffles and worker seeds) instead of replaying the first epoch
         if split not in self._generators:
             self._generators[split] = torch.Generator().manual_seed(self._rank_seed())
+            pending = getattr(self, "_pending_generator_states", {}).pop(split, None)
+            if pending is not None:  # restored from a checkpoint before the loader existed
+                self._generators[split].set_state(pending)
         return self._generators[split]
+
+    def _augmenters(self) -> list:
+        """The training datasets that draw augmentation seeds (AugmentedDataset parts), in order."""
+        found, stack = [], [self.datasets.get("train")]
+        while stack:
+            ds = stack.pop(0)
+            if isinstance(ds, list | tuple):
+                stack[:0] = list(ds)
+            elif hasattr(ds, "_main_rng"):
+                found.append(ds)
+            elif hasattr(ds, "datasets"):  # ConcatDataset of sources
+                stack[:0] = list(ds.datasets)
+        return found
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint by Lightning: the shuffling/sampling generators, the
+        augmentation generators and the process RNGs (torch, numpy, random) that training draws
+        from, so ``ckpt_path=.../last.ckpt`` continues the data stream of an uninterrupted run
+        instead of replaying epoch 0's order (exact in one process; under DDP only rank 0's
+        state is saved, so other ranks keep their own seeds)."""
+        return {
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "augmentation": [ds._main_rng.get_state() for ds in self._augmenters()],
+            "torch": torch.get_rng_state(),
+            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],  # plain types
+            "random": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` (called by Lightning when fitting resumes from a checkpoint)."""
+        if not state_dict or (self.trainer is not None and self.trainer.world_size > 1):
+            return  # DDP: rank 0's states would make every rank draw the same augmentations
+        pending = dict(state_dict.get("generators", {}))
+        for split, state in list(pending.items()):
+            if split in self._generators:
+                self._generators[split].set_state(state)
+                del pending[split]
+        self._pending_generator_states = pending
+        augmenters = self._augmenters()
+        if len(augmenters) == len(state_dict.get("augmentation", [])):
+            for ds, state in zip(augmenters, state_dict["augmentation"], strict=True):
+                ds._main_rng.set_state(state)
+        if "torch" in state_dict:
+            torch.set_rng_state(state_dict["torch"])
+            name, keys, *rest = state_dict["numpy"]
+            np.random.set_state((name, np.asarray(keys, np.uint32), *rest))
+            random.setstate(state_dict["random"])
 
     @property
     def weighted_sampling(self) -> bool:
@@ -251,9 +290,11 @@ class CellDataModule(L.LightningDataModule):
         """Names of the data sources (one here; several in :class:`cellrcnn.data.mixed.MixedDataModule`)."""
         return [self.root.name]
 
-    def eval_sets(self, split: str) -> list[tuple[str, CocoInstanceDataset, float]]:
-        """(source name, full-size dataset of ``split``, resize factor its images are seen at) per source."""
-        return [(self.root.name, self._dataset(split), 1.0)]
+    def eval_sets(self, split: str) -> list[tuple[str, CocoInstanceDataset, np.ndarray]]:
+        """Per source: (name, full-size dataset of ``split``, the resize factor of each of its
+        images in training and validation)."""
+        dataset = self._dataset(split)
+        return [(self.root.name, dataset, np.ones(len(dataset)))]
 
     def calibration_samples(self, limit: int | None) -> list:
         """Up to ``limit`` full-size validation samples ``(image, target)``, spread evenly over the

@@ -7,12 +7,16 @@ nucleus sizes. Three things make them train together:
   replacement; a source's share of the draws is proportional to its ``weight``, whatever its
   size (42 S-BSST265 images would otherwise drown among 600 DSB2018 fields). Within a source,
   images are drawn uniformly, or by appearance group with ``balance=appearance``.
-- **A common nucleus size.** With ``target_diameter`` set, every image of a source is resized by
-  ``target_diameter / median nucleus diameter of the source's training split`` (clipped to
-  ``[1 / max_rescale, max_rescale]``), in training and validation alike, so a 60-px nucleus at
-  63x and a 15-px one at 20x reach the network at similar sizes; random scaling (``scale_range``)
-  still jitters around it. The model records ``target_diameter`` as its object diameter, so
-  ``diameter=...`` / ``diameter=auto`` at inference resize new images the same way.
+- **A common nucleus size.** With ``target_diameter`` set, every image is resized by
+  ``(target_diameter / its median nucleus diameter) ** rescale_strength`` (from its annotations,
+  clipped to ``[1 / max_rescale, max_rescale]``), in training and validation alike. Sources differ
+  tenfold: DSB2018's nuclei are 8-80 px, most S-BSST265 fields (63x) hold 100-190 px nuclei, its
+  tissue sections 20 px. Strength 1 brings every image to the target size, as Cellpose trains;
+  the default 0.5 moves each halfway (in log scale), so 180-px nuclei arrive near 60 px and 10-px
+  ones near 14: the network still meets the range of sizes users' images have at native
+  resolution, while no source sits far outside it. Random scaling (``scale_range``) jitters on
+  top. The model records the median diameter it was trained at, so ``diameter=auto`` resizes
+  images whose nuclei lie far from it.
 - **Per-source validation.** One validation (and test) loader per source, image ids offset by
   ``source index × ID_STRIDE`` so the module can report ``val/<source>/<metric>`` beside the
   pooled metrics.
@@ -46,24 +50,72 @@ class Source:
     name: str
     root: Path
     weight: float = 1.0
-    scale: float = 1.0  # resize factor of its images (towards the common nucleus size)
+
+
+def image_diameters(dataset: CocoInstanceDataset) -> np.ndarray:
+    """Median equivalent nucleus diameter (px) of every image of a dataset, from its annotation
+    areas (box-only objects: sqrt(w·h)); nan for an image without objects."""
+    from cellrcnn.inference.scale import equivalent_diameter
+
+    out = np.full(len(dataset), np.nan)
+    for i, info in enumerate(dataset.images):
+        anns = dataset._anns.get(info["id"], [])
+        sizes = [float(equivalent_diameter(a["area"])) if a.get("segmentation") and a.get("area")
+                 else float(np.sqrt(max(a["bbox"][2] * a["bbox"][3], 0.0))) for a in anns]
+        if sizes:
+            out[i] = float(np.median(sizes))
+    return out
+
+
+def resize_factors(diameters: np.ndarray, target: float | None, strength: float, max_rescale: float) -> np.ndarray:
+    """Per image ``(target / diameter) ** strength`` clipped to ``[1/max_rescale, max_rescale]``;
+    1 without a target or without objects."""
+    if target is None:
+        return np.ones(len(diameters))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        factors = (float(target) / diameters) ** float(strength)
+    return np.where(np.isfinite(factors), np.clip(factors, 1.0 / max_rescale, max_rescale), 1.0)
+
+
+class ResizedAugmentedDataset(AugmentedDataset):
+    """Training samples of one source: each image's resize factor folded into the random scale
+    range (so the cheap pre-crop still applies), then the usual augmentation."""
+
+    def __init__(self, base: CocoInstanceDataset, factors: np.ndarray, options: dict, seed: int = 0) -> None:
+        super().__init__(base, build_train_transforms(**options), seed)
+        self.factors, self.options, self._by_factor = factors, options, {}
+
+    def _transforms(self, factor: float):
+        key = round(float(factor), 3)
+        if key not in self._by_factor:
+            lo, hi = self.options.get("scale_range") or (1.0, 1.0)
+            scaled = (lo * key, hi * key)
+            self._by_factor[key] = build_train_transforms(
+                **{**self.options, "scale_range": None if scaled == (1.0, 1.0) else scaled})
+        return self._by_factor[key]
+
+    def __getitem__(self, index: int):
+        image, target = self.base.load_numpy(index)
+        image, target = self._transforms(self.factors[index])(image, target, self._sample_rng())
+        return to_tensors(image, target)
 
 
 class SourceView(Dataset):
-    """Full-size samples of one source for validation/testing: resized by the source's factor,
+    """Full-size samples of one source for validation/testing: each image resized by its factor,
     image ids offset so sources stay apart in one evaluator."""
 
-    def __init__(self, base: CocoInstanceDataset, index: int, scale: float = 1.0) -> None:
+    def __init__(self, base: CocoInstanceDataset, index: int, factors: np.ndarray | None = None) -> None:
         self.base, self.offset = base, index * ID_STRIDE
-        self.resize = RandomScale((scale, scale), min_area=1) if abs(scale - 1.0) > 1e-3 else None
+        self.factors = np.ones(len(base)) if factors is None else factors
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         image, target = self.base.load_numpy(i)
-        if self.resize is not None:
-            image, target = self.resize(image, target, np.random.default_rng(0))
+        factor = float(self.factors[i])
+        if abs(factor - 1.0) > 1e-3:
+            image, target = RandomScale((factor, factor), min_area=1)(image, target, np.random.default_rng(0))
         target = {**target, "image_id": int(target["image_id"]) + self.offset}
         return to_tensors(image, target)
 
@@ -74,7 +126,8 @@ class MixedDataModule(CellDataModule):
     Args:
         sources: ``{name: {"root": folder, "weight": share of the training draws}}``; an entry
             set to null is left out (``data.sources.monuseg=null`` on the command line).
-        target_diameter: common median nucleus diameter in px (None: every source at native size).
+        target_diameter: the nucleus diameter in px every image is resized towards (None: native sizes).
+        rescale_strength: 1 resizes each image fully to ``target_diameter``, 0.5 halfway (log scale).
         max_rescale: largest resize factor either way.
         **kwargs: the :class:`CellDataModule` options, shared by every source.
     """
@@ -83,7 +136,8 @@ class MixedDataModule(CellDataModule):
         self,
         sources: dict[str, dict | None],
         target_diameter: float | None = None,
-        max_rescale: float = 2.0,
+        rescale_strength: float = 0.5,
+        max_rescale: float = 8.0,
         **kwargs,
     ) -> None:
         specs = {name: spec for name, spec in dict(sources).items() if spec is not None}
@@ -96,8 +150,8 @@ class MixedDataModule(CellDataModule):
         kwargs.pop("root", None)
         super().__init__(root=self.sources[0].root, **kwargs)
         self.target_diameter = float(target_diameter) if target_diameter else None
-        self.max_rescale = float(max_rescale)
-        self._scales_known = False
+        self.rescale_strength, self.max_rescale = float(rescale_strength), float(max_rescale)
+        self._factors: dict[tuple[str, str], np.ndarray] = {}
 
     # ----------------------------------------------------------------- sources
     @property
@@ -114,29 +168,28 @@ class MixedDataModule(CellDataModule):
         return CocoInstanceDataset(self.source_annotation_file(source, split), image_root=source.root / "images",
                                    channels=self.channels, invert_bright=self.invert_bright)
 
-    def resolve_scales(self) -> None:
-        """Each source's resize factor from the median nucleus diameter of its training split."""
-        if self._scales_known:
-            return
-        self._scales_known = True
-        if self.target_diameter is None:
-            return
-        from cellrcnn.inference.scale import annotation_diameter
-
-        for source in self.sources:
-            path = self.source_annotation_file(source, "train")
-            median = annotation_diameter(path) if path.is_file() else None
-            if median:
-                factor = self.target_diameter / median
-                source.scale = float(np.clip(factor, 1.0 / self.max_rescale, self.max_rescale))
+    def factors(self, source: Source, split: str, dataset: CocoInstanceDataset | None = None) -> np.ndarray:
+        """Resize factor of every image of a source's split (see the module docstring)."""
+        key = (source.name, split)
+        if key not in self._factors:
+            dataset = dataset or self._source_dataset(source, split)
+            self._factors[key] = resize_factors(image_diameters(dataset), self.target_diameter,
+                                                self.rescale_strength, self.max_rescale)
+        return self._factors[key]
 
     def training_object_diameter(self) -> float | None:
-        """The median nucleus diameter the model sees in training (recorded in the checkpoint)."""
-        if self.target_diameter is not None:
-            return self.target_diameter
-        from cellrcnn.inference.scale import annotation_diameter
+        """Median nucleus diameter of the training images as the model sees them (resized),
+        recorded in the checkpoint for ``diameter=...`` at inference."""
+        from cellrcnn.inference.scale import equivalent_diameter
 
-        return annotation_diameter(self.source_annotation_file(self.sources[0], "train"))
+        sizes = []
+        for _, source in self._present("train"):
+            dataset = self._source_dataset(source, "train")
+            factors = self.factors(source, "train", dataset)
+            for i, info in enumerate(dataset.images):
+                areas = [a["area"] for a in dataset._anns.get(info["id"], []) if a.get("area")]
+                sizes += list(equivalent_diameter(areas) * factors[i])
+        return float(np.median(sizes)) if sizes else None
 
     def _present(self, split: str) -> list[tuple[int, Source]]:
         found = []
@@ -151,9 +204,12 @@ class MixedDataModule(CellDataModule):
                 warnings.warn(f"{path}: source {source.name!r} has no {split} split; not evaluated", stacklevel=2)
         return found
 
-    def eval_sets(self, split: str) -> list[tuple[str, CocoInstanceDataset, float]]:
-        self.resolve_scales()
-        return [(s.name, self._source_dataset(s, split), s.scale) for _, s in self._present(split)]
+    def eval_sets(self, split: str) -> list[tuple[str, CocoInstanceDataset, np.ndarray]]:
+        sets = []
+        for _, source in self._present(split):
+            dataset = self._source_dataset(source, split)
+            sets.append((source.name, dataset, self.factors(source, split, dataset)))
+        return sets
 
     def annotation_file(self, split: str) -> Path:
         """The first source's file (single-file callers); use :meth:`eval_sets` for all sources."""
@@ -161,29 +217,27 @@ class MixedDataModule(CellDataModule):
 
     # ----------------------------------------------------------------- datasets
     def setup(self, stage: str | None = None) -> None:
-        self.resolve_scales()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
             if self.splits[split] is None or split in self.datasets:
                 continue
             if split == "train":
+                options = dict(crop_size=self.crop_size if self.augment else None, min_area=self.min_area,
+                               flips=self.augment, rot90=self.augment, intensity=self.augment,
+                               invert_p=self.invert_p if self.augment else 0.0,
+                               scale_range=self.scale_range if self.augment else None)
                 parts = []
                 for _, source in self._present("train"):
-                    lo, hi = self.scale_range or (1.0, 1.0)
-                    scale = (lo * source.scale, hi * source.scale)
-                    transforms = build_train_transforms(
-                        crop_size=self.crop_size if self.augment else None, min_area=self.min_area,
-                        flips=self.augment, rot90=self.augment, intensity=self.augment,
-                        invert_p=self.invert_p if self.augment else 0.0,
-                        scale_range=scale if self.augment and scale != (1.0, 1.0) else None,
-                    )
-                    parts.append(AugmentedDataset(self._source_dataset(source, "train"), transforms, self._rank_seed()))
+                    dataset = self._source_dataset(source, "train")
+                    factors = self.factors(source, "train", dataset)
+                    parts.append(ResizedAugmentedDataset(dataset, factors, options, self._rank_seed()))
                 self.datasets["train"] = ConcatDataset(parts)
             else:
-                self.datasets[split] = [
-                    SourceView(self._source_dataset(source, split), index, source.scale)
-                    for index, source in self._present(split)
-                ]
+                views = []
+                for index, source in self._present(split):
+                    dataset = self._source_dataset(source, split)
+                    views.append(SourceView(dataset, index, self.factors(source, split, dataset)))
+                self.datasets[split] = views
 
     @property
     def weighted_sampling(self) -> bool:
@@ -199,7 +253,7 @@ class MixedDataModule(CellDataModule):
             total = sum(s.weight for _, s in self._present("train"))
             for dataset, (_, source) in zip(self.datasets["train"].datasets, self._present("train"), strict=True):
                 if self.balance == "appearance":
-                    from cellrcnn.data.datamodule import appearance_key
+                    from cellrcnn.data.appearance import appearance_key
 
                     within = balanced_weights([appearance_key(dataset.base.load_raw(i)) for i in range(len(dataset))])
                 else:

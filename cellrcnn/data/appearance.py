@@ -1,0 +1,31 @@
+"""What an image looks like, from its raw pixels alone: the acquisition group (size, colour,
+background polarity) used for balanced sampling, and the imaging modality used to break
+results down and to choose a model per image.
+
+Light on purpose (numpy only): the data module, the evaluation tables and prediction use it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODALITIES = ("fluorescence", "brightfield", "H&E")
+
+
+def appearance_key(raw: np.ndarray) -> tuple[int, int, bool, bool]:
+    """(height, width, colour, bright background) of raw pixels: a proxy for the acquisition
+    protocol. Colour means the first and last channels differ (a stain, not grey stored as RGB);
+    a bright background means the median is above half the maximum (brightfield, H&E)."""
+    raw = np.asarray(raw)
+    rgb = raw[..., :3].astype(np.float32) if raw.ndim == 3 else raw.astype(np.float32)
+    colour = rgb.ndim == 3 and rgb.shape[-1] >= 3 and float(np.abs(rgb[..., 0] - rgb[..., 2]).mean()) > 2.0
+    grey = rgb.mean(axis=-1) if rgb.ndim == 3 else rgb
+    bright = float(np.median(grey)) > 0.5 * float(grey.max())
+    return int(raw.shape[0]), int(raw.shape[1]), bool(colour), bool(bright)
+
+
+def modality(raw: np.ndarray) -> str:
+    """``"H&E"`` (a colour stain), ``"brightfield"`` (grey, bright background) or ``"fluorescence"``
+    (bright nuclei on a dark background), read from the pixels."""
+    _, _, colour, bright = appearance_key(raw)
+    return "H&E" if colour else "brightfield" if bright else "fluorescence"
