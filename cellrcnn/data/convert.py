@@ -54,6 +54,11 @@ EXTRA_OPTIONS = {
                          p.add_argument("--img-filter", default="", help="Cellpose image suffix, e.g. _img"),
                          p.add_argument("--name", default="folder", help="source name written to info.source"),
                          p.add_argument("--licence", default="unspecified", help="licence written to info.licence")),
+    "monuseg": lambda p: (p.add_argument("--images", type=Path, help="folder or zip holding the images (.tif, or the "
+                                         "<id>/images/<id>.png layout) when --src has only the XML annotations"),
+                          p.add_argument("--prefer", choices=("xml", "png"), default="xml",
+                                         help="annotation used where an image has both an XML and PNG masks")),
+    "sbsst265": lambda p: None,
 }
 
 

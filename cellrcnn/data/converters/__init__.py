@@ -17,4 +17,6 @@ SOURCES: dict[str, tuple[str, str]] = {
     "livecell": ("cellrcnn.data.converters.livecell", "LIVECell COCO, normalised (dict annotations, polygons)"),
     "membrane": ("cellrcnn.data.converters.membrane", "U-Net ISBI 2012 membrane images + binary labels"),
     "folder": ("cellrcnn.data.converters.folder", "images + integer label images (Cellpose, StarDist, _seg.npy)"),
+    "monuseg": ("cellrcnn.data.converters.monuseg", "MoNuSeg H&E nuclei: ImageScope XML polygons or per-nucleus PNGs"),
+    "sbsst265": ("cellrcnn.data.converters.sbsst265", "S-BSST265 fluorescence nuclei, label TIFFs + acquisition metadata"),
 }
