@@ -7,33 +7,16 @@ TP/FP/FN overlay PNGs (``overlays/<image stem>.png``) into the run folder.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-# metric order of the tables (DESIGN.md names); anything else follows alphabetically
-METRIC_ORDER = (
-    "dsb_score", "segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "f1@0.5", "f1@0.7",
-    "precision@0.5", "recall@0.5", "pq@0.5", "dice", "jaccard", "pixel_accuracy",
-    "n_images", "n_gt", "n_pred",
-)  # fmt: skip
-
-
-def metrics_table(metrics: dict[str, float], title: str | None = None) -> str:
-    """A two-column Markdown table of ``{metric: value}`` (counts as integers, nan as "n/a")."""
-    keys = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
-    lines = [f"**{title}**", ""] if title else []
-    lines += ["| metric | value |", "|---|---|"]
-    for k in keys:
-        v = float(metrics[k])
-        text = "n/a" if math.isnan(v) else (f"{int(v)}" if k.startswith("n_") else f"{v:.4f}")
-        lines.append(f"| {k} | {text} |")
-    return "\n".join(lines)
+from .evaluation.tables import METRIC_ORDER, metrics_table  # noqa: F401  (importable from here too)
 
 
 def input_channels(model: torch.nn.Module) -> int:
@@ -42,9 +25,8 @@ def input_channels(model: torch.nn.Module) -> int:
 
 
 def input_settings(model: torch.nn.Module) -> dict[str, Any]:
-    """How images are prepared for a trained module: keyword arguments of
-    :func:`cellrcnn.io.prepare_image`, ``CocoInstanceDataset`` and ``predict_image``."""
-    return {"channels": input_channels(model), "invert_bright": bool(getattr(model, "invert_bright", False))}
+    """``model.input_settings`` (kept for scripts written against this function)."""
+    return dict(model.input_settings)
 
 
 def set_score_threshold(model: torch.nn.Module, threshold: float | None) -> None:
@@ -60,9 +42,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on split ``cfg.split`` of ``cfg.data``; returns the metrics."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .data.coco import CocoInstanceDataset
     from .data.masks import masks_to_label_image
+    from .data.mixed import ID_STRIDE, image_diameters
+    from .data.splits import overlap
     from .evaluation.evaluator import Evaluator
+    from .evaluation.groups import breakdown, breakdown_table, image_groups
     from .inference import predict_image
     from .inference.scale import check_diameter, predict_at_diameter
     from .models.postprocess import labels_to_instances
@@ -73,42 +57,62 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = load_module(cfg.ckpt_path)
     set_score_threshold(model, cfg.get("score_threshold"))
     datamodule = instantiate(cfg.data, **input_settings(model))
     datamodule.prepare_data()
-    annotations = datamodule.annotation_file(cfg.split)
-    dataset = CocoInstanceDataset(annotations, image_root=datamodule.root / "images", **input_settings(model))
+    sets = datamodule.eval_sets(cfg.split)  # one per source
 
     diameter = cfg.get("diameter")
-    check_diameter(diameter, model.object_diameter, str(cfg.ckpt_path))
+    check_diameter(None if diameter == "gt" else diameter, model.object_diameter, str(cfg.ckpt_path))
 
     def predict_native(raw):  # the whole image at once, as predict_instances on the dataset's image
         return predict_image(raw, model.predict_instances, tile_size=max(raw.shape[:2]), overlap=0, progress=False,
                              **input_settings(model))
 
     evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))))
-    for i in range(len(dataset)):
-        image, target = dataset[i]
-        if diameter is None:
-            pred = model.predict_instances([image])[0]
-        else:
-            labels, scores, _ = predict_at_diameter(dataset.load_raw(i), predict_native, diameter, model.object_diameter)
-            pred = labels_to_instances(labels, scores)
-        evaluator.update(target, pred)
-        if i < int(cfg.get("overlays", 0)):
-            gt = masks_to_label_image(target["masks"].numpy())
-            pr = masks_to_label_image(pred["masks"].numpy(), pred["scores"].numpy())
-            stem = Path(dataset.image_info(i)["file_name"]).stem
-            save_png(out_dir / "overlays" / f"{stem}.png", overlay_tp_fp_fn(image, gt, pr))
+    groups: dict[int, dict[str, str]] = {}
+    seen_in_training: list[str] = []
+    n_images = 0
+    for k, (source, dataset, _) in enumerate(sets):
+        known = overlap([dataset.image_path(i) for i in range(len(dataset))], getattr(model, "training_images", []))
+        seen_in_training += [str(path) for path in known]
+        annotated = image_diameters(dataset) if diameter == "gt" else None
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            target = {**target, "image_id": int(target["image_id"]) + k * ID_STRIDE}
+            raw = dataset.load_raw(i)
+            if diameter is None or (diameter == "gt" and not np.isfinite(annotated[i])):
+                pred = model.predict_instances([image])[0]
+            else:  # "gt": each image at the size its annotations say, as a user who knows it would
+                wanted = float(annotated[i]) if diameter == "gt" else diameter
+                labels, scores, _ = predict_at_diameter(raw, predict_native, wanted, model.object_diameter)
+                pred = labels_to_instances(labels, scores)
+            evaluator.update(target, pred)
+            groups[target["image_id"]] = image_groups(dataset.image_info(i), source, raw)
+            if n_images < int(cfg.get("overlays", 0)):
+                gt = masks_to_label_image(target["masks"].numpy())
+                pr = masks_to_label_image(pred["masks"].numpy(), pred["scores"].numpy())
+                stem = Path(dataset.image_info(i)["file_name"]).stem
+                save_png(out_dir / "overlays" / f"{source}_{stem}.png", overlay_tp_fp_fn(image, gt, pr))
+            n_images += 1
     metrics = evaluator.compute()
-    title = f"{Path(cfg.ckpt_path).name} on {annotations}"
-    table = metrics_table(metrics, title)
-    result = {"checkpoint": str(cfg.ckpt_path), "annotations": str(annotations), "diameter": diameter, "metrics": metrics}
+    rows = breakdown(evaluator, groups)
+    names = ", ".join(f"{source} {dataset.annotation_file}" for source, dataset, _ in sets)
+    table = metrics_table(metrics, f"{Path(cfg.ckpt_path).name} on {names}")
+    if len(rows) > 1:
+        table += "\n\n**By source and acquisition group**\n\n" + breakdown_table(rows)
+    if seen_in_training:
+        warning = (f"warning: {len(seen_in_training)} of {n_images} images were in this checkpoint's training "
+                   "set; these scores are optimistic (score held-out images, e.g. split=test)")
+        table = warning + "\n\n" + table
+    result = {"checkpoint": str(cfg.ckpt_path), "annotations": [str(d.annotation_file) for _, d, _ in sets],
+              "diameter": diameter, "metrics": metrics, "by_group": rows, "seen_in_training": seen_in_training}
     (out_dir / "metrics.json").write_text(json.dumps({**result, "per_image": evaluator.per_image}, indent=1, default=float))
     (out_dir / "metrics.md").write_text(table + "\n")
     print(table)
-    print(f"\n{len(dataset)} images in {time.perf_counter() - start:.1f} s; results in {out_dir}")
+    print(f"\n{n_images} images in {time.perf_counter() - start:.1f} s; results in {out_dir}")
     return metrics
 
 

@@ -112,3 +112,29 @@ def test_training_logs_per_source_metrics_and_records_training_images(roots, tmp
     assert model.object_diameter == pytest.approx(instantiate(expected.data).training_object_diameter())
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["cellrcnn_training_images"] == model.training_images
+
+
+@pytest.mark.slow
+def test_evaluate_reports_each_source_and_flags_training_images(roots, tmp_path):
+    import json
+
+    from cellrcnn.config import compose_config
+    from cellrcnn.evaluate import run as evaluate
+    from cellrcnn.train import run
+
+    sources = [f"data.sources.bbbc038.root={roots['alpha']}", f"data.sources.sbsst265.root={roots['beta']}",
+               "data.sources.monuseg=null"]
+    run(compose_config("train", [
+        "experiment=nuclei_unet", "trainer=cpu", "trainer.max_steps=1", "trainer.max_time=null",
+        "model.net.base_width=8", "data.crop_size=64", "data.num_workers=0", "logger=none", "calibrate=0",
+        "test=false", *sources], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    for split, seen in (("train", 9), ("test", 0)):
+        out = tmp_path / split
+        evaluate(compose_config("evaluate", [f"ckpt_path={ckpt}", "data=nuclei_mix", *sources, f"split={split}",
+                                             "diameter=gt", "overlays=0", "threads=1"], out))
+        result = json.loads((out / "metrics.json").read_text())
+        assert len(result["seen_in_training"]) == seen
+        by_source = {r["group"]: r["n_images"] for r in result["by_group"] if r["field"] == "source"}
+        assert by_source == ({"bbbc038": 6, "sbsst265": 3} if split == "train" else {"bbbc038": 2, "sbsst265": 1})
+        assert ("training set" in (out / "metrics.md").read_text()) == bool(seen)
