@@ -206,3 +206,21 @@ def test_sniffing_and_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--max-upload-mb" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_load_benchmark_smoke(tmp_path):
+    """bench/serve_load.py against a real server process: every request answered, figures written."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("bench_serve_load", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--clients", "1,2", "--requests", "3", "--time-limit", "120", "--threads", "1",
+                       "--out", str(tmp_path / "load")]) == 0
+    runs = json.loads((tmp_path / "load.json").read_text())["runs"]
+    assert [(r["clients"], r["ok"], r["errors"]) for r in runs] == [(1, 3, 0), (2, 3, 0)]
+    assert all(r["p95_s"] >= r["p50_s"] > 0 and r["peak_rss_mb"] > 100 for r in runs)
+    assert "| 2 | 3 |" in (tmp_path / "load.md").read_text()
