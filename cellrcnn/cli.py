@@ -4,6 +4,7 @@
     cellrcnn evaluate ckpt_path=... data=bbbc038
     cellrcnn predict input=images/ output=out/
     cellrcnn convert bbbc038 --src stage1_train.zip --out datasets/coco/bbbc038
+    cellrcnn calibrate last.ckpt val.json           # decision thresholds chosen on annotated images
     cellrcnn score predictions/ ground_truth/       # any tool's label images against ground truth
     cellrcnn serve --port 8000                      # HTTP API and web page
 
@@ -13,6 +14,9 @@ not pay for Lightning and the training stack before reading the first image.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import runpy
 import sys
 
 import hydra
@@ -22,29 +26,88 @@ from omegaconf import DictConfig
 _HYDRA = {"version_base": "1.3", "config_path": "conf"}
 
 
-@hydra.main(config_name="train", **_HYDRA)
-def train(cfg: DictConfig):
-    from cellrcnn.train import run
+@contextlib.contextmanager
+def user_errors(command: str):
+    """Mistakes the user can fix from the message (a wrong option, a missing file or dataset, an
+    unreadable image) end the command with that message and status 2, without a traceback."""
+    from cellrcnn.errors import UsageError
+    from cellrcnn.io import ImageReadError
 
-    return run(cfg)
+    try:
+        yield
+    except (UsageError, ImageReadError, FileNotFoundError) as exc:
+        print(f"cellrcnn {command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_console_for_lightning() -> None:
+    """Hydra's job logging already sends every record to the console and the run's log file;
+    Lightning's own console handler (``INFO: ...``) would print each of its lines a second time."""
+    import logging
+
+    import lightning  # noqa: F401  (adds the handler on import)
+
+    if logging.getLogger().handlers:
+        logger = logging.getLogger("lightning")
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+
+
+@hydra.main(config_name="train", **_HYDRA)
+def train(cfg: DictConfig) -> float:
+    """Returns the monitored validation metric (``optimized_metric``), the value sweepers optimise."""
+    with user_errors("train"):
+        one_console_for_lightning()
+        from cellrcnn.train import run
+
+        metrics = run(cfg)
+    return float(metrics.get(cfg.get("optimized_metric") or "val/dsb_score", math.nan))
 
 
 @hydra.main(config_name="evaluate", **_HYDRA)
-def evaluate(cfg: DictConfig):
-    from cellrcnn.evaluate import run
+def _evaluate(cfg: DictConfig) -> float:
+    """Returns the dsb_score of the evaluated split."""
+    with user_errors("evaluate"):
+        from cellrcnn.preflight import check_evaluate
 
-    return run(cfg)
+        check_evaluate(cfg)
+        one_console_for_lightning()
+        from cellrcnn.evaluate import run
+
+        metrics = run(cfg)
+    return float(metrics.get("dsb_score", math.nan))
+
+
+def evaluate() -> None:
+    """``cellrcnn evaluate``; ``data`` has no default (a default would silently score another dataset),
+    so ``--help``, which composes the config, gets one that its text does not depend on."""
+    if {"-h", "--help"} & set(sys.argv[1:]) and not any(a.startswith("data=") for a in sys.argv[1:]):
+        sys.argv.append("data=synthetic")
+    _evaluate()
 
 
 @hydra.main(config_name="predict", **_HYDRA)
-def predict(cfg: DictConfig):
-    from cellrcnn.predict import run
+def predict(cfg: DictConfig) -> int:
+    """Returns the number of images segmented."""
+    with user_errors("predict"):
+        from cellrcnn.preflight import check_predict
 
-    return run(cfg)
+        check_predict(cfg)  # before the output folder is created or the model loaded
+        from cellrcnn.predict import run
+
+        summary = run(cfg)  # raises when no image of the input could be read
+    return len(summary["images"])
 
 
 def _convert(argv: list[str]) -> int:
     from cellrcnn.data.convert import main
+
+    return main(argv)
+
+
+def _calibrate(argv: list[str]) -> int:
+    from cellrcnn.calibrate import main
 
     return main(argv)
 
@@ -61,20 +124,24 @@ def _serve(argv: list[str]) -> int:
     return main(argv)
 
 
-def _hydra(entry):
+def _hydra(module: str):
     def call(argv: list[str]) -> int:
-        sys.argv = [f"cellrcnn {entry.__name__}", *argv]
-        entry()
+        # run as ``python -m cellrcnn.<module>``: Lightning's DDP launcher starts the other ranks
+        # with that command; it would re-run sys.argv[0] as a script otherwise, and the
+        # ``cellrcnn`` console script does not know which command it was running
+        sys.argv = [sys.argv[0], *argv]
+        runpy.run_module(f"cellrcnn.{module}", run_name="__main__", alter_sys=True)
         return 0
 
     return call
 
 
 COMMANDS = {
-    "train": (_hydra(train), "train a model, then test it (Hydra overrides, e.g. experiment=quickstart)"),
-    "evaluate": (_hydra(evaluate), "score a checkpoint on a dataset split"),
-    "predict": (_hydra(predict), "segment images: label images, overlays, measurements, exports"),
+    "train": (_hydra("train"), "train a model, then test it (Hydra overrides, e.g. experiment=quickstart)"),
+    "evaluate": (_hydra("evaluate"), "score a checkpoint on a dataset split"),
+    "predict": (_hydra("predict"), "segment images: label images, overlays, measurements, exports"),
     "convert": (_convert, "convert a public dataset or your own folder to COCO; validate, merge, stats"),
+    "calibrate": (_calibrate, "choose a trained model's decision thresholds on annotated images"),
     "score": (_score, "score label images of any tool against ground-truth label images"),
     "serve": (_serve, "HTTP API and web page for a model"),
 }

@@ -128,7 +128,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for s in summary["skipped"]:
             print(f"  {s['error']}")
     if images and not summary["images"]:  # nothing was predicted: a failed run, not a success
-        raise RuntimeError(f"all {len(images)} input file(s) of {cfg.input} were skipped (see above)")
+        # the command line prints this without a traceback and exits non-zero
+        raise ImageReadError(f"all {len(images)} input file(s) of {cfg.input} were skipped (see above)")
     return summary
 
 

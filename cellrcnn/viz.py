@@ -39,33 +39,58 @@ def to_rgb(image) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
-def outlines(labels: np.ndarray) -> np.ndarray:
-    """H×W bool: pixels of an object whose 4-neighbour belongs to another label (inner boundaries)."""
+def outlines(labels: np.ndarray, width: int = 1) -> np.ndarray:
+    """H×W bool: pixels of an object within ``width`` pixels of another label (inner boundaries)."""
     labels = np.asarray(labels)
     edge = np.zeros(labels.shape, bool)
     pad = np.pad(labels, 1, mode="edge")
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
         edge |= pad[dy : dy + labels.shape[0], dx : dx + labels.shape[1]] != labels
-    return edge & (labels > 0)
+    edge &= labels > 0
+    if width > 1:  # grown inwards only, so neighbouring objects keep their own colour
+        from scipy.ndimage import grey_erosion
+
+        inner = grey_erosion(labels, size=(2 * width + 1, 2 * width + 1), mode="nearest")
+        grown = grey_erosion(-labels, size=(2 * width + 1, 2 * width + 1), mode="nearest")
+        edge |= (labels > 0) & ((inner != labels) | (-grown != labels))
+    return edge
 
 
-def _paint(rgb: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: float, fill: np.ndarray) -> None:
+def outline_width(shape: tuple[int, ...]) -> int:
+    """Outline thickness in pixels that stays visible when an image is viewed whole: 1 px up to
+    512 px, 2 px up to 1536 px, then one more per 1024 px of the shorter side."""
+    return max(1, int(round(min(shape[:2]) / 1024 + 0.5)))
+
+
+def bright_colors(n: int, seed: int = 0) -> np.ndarray:
+    """(n + 1)×3 float32 RGB: fully saturated, full-value colours with hues between yellow and cyan
+    (40-200°), spread by the golden ratio so neighbours differ. These stay readable on dark
+    fluorescence backgrounds and on pink/purple H&E stains, where dark or magenta outlines vanish."""
+    import colorsys
+
+    start = np.random.default_rng(seed).random()
+    hues = (40 + 160 * ((start + 0.618034 * np.arange(n + 1)) % 1.0)) / 360.0
+    return np.asarray([colorsys.hsv_to_rgb(h, 1.0, 1.0) for h in hues], np.float32) * 255
+
+
+def _paint(rgb: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: float, fill: np.ndarray,
+           width: int = 1) -> None:
     """Blend ``colors[label]`` into ``rgb`` (in place): ``alpha`` inside filled objects, solid outlines."""
     inside = (labels > 0) & fill[labels]
     out = rgb.astype(np.float32)
     out[inside] = (1 - alpha) * out[inside] + alpha * colors[labels[inside]]
-    edge = outlines(labels)
+    edge = outlines(labels, width)
     out[edge] = colors[labels[edge]]
     rgb[...] = out.astype(np.uint8)
 
 
-def overlay_labels(image, labels, alpha: float = 0.35, seed: int = 0) -> np.ndarray:
-    """Each object of the H×W label image in its own random colour over ``image``."""
+def overlay_labels(image, labels, alpha: float = 0.35, seed: int = 0, width: int | None = None) -> np.ndarray:
+    """Each object of the H×W label image outlined in its own bright colour over ``image``
+    (:func:`bright_colors`); ``width`` in pixels, by default :func:`outline_width` of the image."""
     labels = _np(labels).astype(np.int64)
     rgb = to_rgb(image)
     n = int(labels.max()) if labels.size else 0
-    colors = np.random.default_rng(seed).integers(60, 256, size=(n + 1, 3)).astype(np.float32)
-    _paint(rgb, labels, colors, alpha, np.ones(n + 1, bool))
+    _paint(rgb, labels, bright_colors(n, seed), alpha, np.ones(n + 1, bool), width or outline_width(labels.shape))
     return rgb
 
 

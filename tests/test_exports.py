@@ -181,3 +181,20 @@ def test_write_exports_and_full_coco_dataset(tmp_path, labels):
     masks = target["masks"].numpy()
     assert len(masks) == labels.max()
     assert all(np.array_equal(masks[k - 1] > 0, labels == k) for k in range(1, labels.max() + 1))
+
+
+def test_overlay_outlines_are_bright_and_thick_on_large_stained_images():
+    from cellrcnn.viz import overlay_labels
+
+    labels = np.zeros((1200, 1200), np.int32)
+    for k in range(1, 41):  # 40 squares, so many colours are drawn
+        y, x = divmod(k - 1, 8)
+        labels[20 + 140 * y : 120 + 140 * y, 20 + 140 * x : 120 + 140 * x] = k
+    he = np.zeros((1200, 1200, 3), np.float32)
+    he[...] = (0.85, 0.55, 0.8)  # pink-purple H&E background
+    rgb = overlay_labels(he, labels, alpha=0.0)
+    top = rgb[20:22, 70]  # the first square's top edge: two pixels thick at this size
+    assert np.all(top.max(axis=-1) == 255) and rgb[22, 70].tolist() == [217, 140, 204]
+    edge = rgb[labels > 0][(rgb[labels > 0] != (217, 140, 204)).any(axis=-1)].astype(int)
+    assert edge.max(axis=-1).min() == 255  # every outline colour at full value
+    assert (edge[:, 1] >= edge[:, 2]).mean() > 0.5 and edge[:, 1].min() >= 170  # green-yellow-cyan, no magenta

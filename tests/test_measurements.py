@@ -136,3 +136,14 @@ def test_write_table_csv_parquet_and_errors(tmp_path, shapes, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
     with pytest.raises(ImportError, match="pyarrow"):
         write_table(df, tmp_path / "again.parquet")
+
+
+def test_aspect_ratio_of_thin_objects_is_finite_and_exact():
+    labels = np.zeros((20, 20), np.uint16)
+    labels[2, 3:12] = 1  # a 1×9 line: its pixels span 9 × 1 px
+    labels[8:10, 3:9] = 2  # a 2×6 bar
+    labels[15, 15] = 3  # one pixel
+    df = measure(labels).set_index("label")
+    assert df.loc[1, "aspect_ratio"] == pytest.approx(9.0)
+    assert df.loc[2, "aspect_ratio"] == pytest.approx(3.0)
+    assert df.loc[3, "aspect_ratio"] == pytest.approx(1.0)

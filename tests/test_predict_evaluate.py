@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 
 def test_evaluate_writes_metrics_and_overlays(trained, tmp_path):
     ckpt, root = trained
-    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", f"data.root={root}", *DATA, "overlays=2", "threads=1"], tmp_path)
+    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", "data=synthetic", f"data.root={root}", *DATA, "overlays=2", "threads=1"], tmp_path)
     metrics = evaluate_run(cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"]["n_images"] == 2 == len(saved["per_image"])
@@ -125,7 +125,7 @@ def test_predict_and_evaluate_at_a_given_diameter(trained, tmp_path):
     assert read_label_image(tmp_path / "o" / f"{image.stem}.tif").shape == Image.open(image).size[::-1]
 
     (tmp_path / "e").mkdir()
-    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", f"data.root={root}", *DATA, "overlays=0",
+    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", "data=synthetic", f"data.root={root}", *DATA, "overlays=0",
                                       "diameter=auto"], tmp_path / "e")
     assert evaluate_run(cfg)["n_images"] == 2
 

@@ -8,7 +8,8 @@ Column names carry their unit, so a CSV stays unambiguous once it leaves Python:
 - Sizes in pixels (``area_px``, ``perimeter_px``, ``equivalent_diameter_px``,
   ``major_axis_length_px``, ``minor_axis_length_px``), or, when ``pixel_size`` (µm per pixel) is
   given, in micrometres instead (``area_um2``, ``perimeter_um``, ``equivalent_diameter_um``, ...).
-- Unitless shape: ``aspect_ratio`` (major / minor axis), ``eccentricity`` (of the ellipse with
+- Unitless shape: ``aspect_ratio`` (major / minor axis of the object's pixels taken as unit
+  squares, so a 1×n line has n and a single pixel 1 rather than infinity), ``eccentricity`` (of the ellipse with
   the same second moments), ``solidity`` (area / convex area), ``circularity`` (4πA/P², 1 for a
   disk; clipped to 1 as ImageJ does, since perimeters of tiny objects are underestimated).
 - ``mean_intensity_c{k}``, ``max_intensity_c{k}``, ``integrated_intensity_c{k}`` (sum over the
@@ -120,7 +121,9 @@ def measure(
     for name in _LENGTHS:
         table[f"{name}_{unit}"] = np.asarray(raw[_SKIMAGE[name]], dtype=np.float64) * s
     with np.errstate(divide="ignore", invalid="ignore"):
-        table["aspect_ratio"] = np.where(minor > 0, major / np.where(minor > 0, minor, 1), np.inf)
+        # axis = 4·sqrt(second moment) of the pixel centres; a pixel's own extent adds 1/12 to
+        # each moment (a unit square's), which keeps one-pixel-wide objects finite
+        table["aspect_ratio"] = np.sqrt((major**2 / 16 + 1 / 12) / (minor**2 / 16 + 1 / 12))
         table["eccentricity"] = np.asarray(raw["eccentricity"], dtype=np.float64)
         table["solidity"] = np.asarray(raw["solidity"], dtype=np.float64)
         circ = np.where(perimeter > 0, 4 * np.pi * area / np.where(perimeter > 0, perimeter, 1) ** 2, 1.0)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..models.maskrcnn import build_maskrcnn, detect, paste_masks
+from ..models.maskrcnn import build_maskrcnn, detect, paste_label_image, paste_masks
 from .base import InstanceSegModule
+
+# calibration grid (cellrcnn.evaluation.calibrate); the module's current values are added to it
+SCORE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MASK_GRID = (0.4, 0.5, 0.6, 0.7)
 
 
 class MaskRCNNModule(InstanceSegModule):
@@ -134,3 +140,44 @@ class MaskRCNNModule(InstanceSegModule):
         """Per image: ``masks`` uint8 N×H×W, ``boxes`` float32 N×4, ``scores`` N, ``labels`` N (CPU),
         detections scoring above ``score_threshold`` in decreasing score order."""
         return [self.paste(det, tuple(im.shape[-2:])) for det, im in zip(self.detect(images), images, strict=True)]
+
+    # ---------------------------------------------------------------- calibration
+    def threshold_values(self) -> dict[str, float]:
+        """The decision thresholds that calibration chooses, as now set."""
+        return {"score_threshold": self.score_threshold, "mask_threshold": self.mask_threshold}
+
+    def threshold_grid(self) -> dict[str, list[float]]:
+        """Values tried per threshold by :func:`cellrcnn.evaluation.calibrate.calibrate`: the detection
+        score (false positives cost as much as misses in the DSB score) and the mask probability
+        (how far a mask reaches); the current values are always among them."""
+        return {"score_threshold": sorted({*SCORE_GRID, self.score_threshold}),
+                "mask_threshold": sorted({*MASK_GRID, self.mask_threshold})}
+
+    def label_images_over_grid(
+        self, image: torch.Tensor, grid: dict[str, list[float]]
+    ) -> Iterator[tuple[tuple[float, float], np.ndarray]]:
+        """``((score_threshold, mask_threshold), H×W label image)`` for every grid point, from one
+        network pass at the lowest score threshold: each pixel holds its best detection, and a
+        higher score threshold masks out the weaker ones."""
+        saved = self.score_threshold
+        self.score_threshold = min(grid["score_threshold"])
+        try:
+            det = self.detect([image])[0]
+        finally:
+            self.score_threshold = saved
+        det_scores = det["scores"].float().cpu()
+        labels_by_mask = {
+            mask_t: paste_label_image(det["mask_probs"], det["boxes"], det_scores, tuple(image.shape[-2:]), mask_t)
+            for mask_t in grid["mask_threshold"]
+        }
+        for score_t in grid["score_threshold"]:
+            kept = np.concatenate([[False], det_scores.numpy() >= score_t])
+            for mask_t, labels in labels_by_mask.items():
+                yield (score_t, mask_t), labels * kept[labels]
+
+    def apply_thresholds(self, chosen: dict[str, float]) -> dict[str, Any]:
+        """Set the chosen thresholds; returns the hyper-parameter update that a checkpoint stores."""
+        self.score_threshold = float(chosen["score_threshold"])
+        self.mask_threshold = float(chosen["mask_threshold"])
+        return {"score_threshold": self.score_threshold, "mask_threshold": self.mask_threshold}
+

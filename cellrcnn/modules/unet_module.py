@@ -13,17 +13,30 @@ sigmoid, then :func:`cellrcnn.models.postprocess.unet_outputs_to_labels`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cellrcnn.models.postprocess import labels_to_instances, targets_to_unet_maps, unet_outputs_to_labels
+from cellrcnn.models.postprocess import (
+    drop_low_scores,
+    labels_to_instances,
+    targets_to_unet_maps,
+    unet_outputs_to_labels,
+)
 from cellrcnn.models.unet import NUM_CLASSES, UNet
 from cellrcnn.modules.base import InstanceSegModule
 
 IGNORE = -100  # class target of padding and of images without masks
+
+# calibration grid (cellrcnn.evaluation.calibrate); the module's current values are added to it
+FG_GRID = (0.4, 0.5, 0.6, 0.7)
+H_GRID = (0.02, 0.05, 0.1, 0.2)
+MIN_SCORE_GRID = (0.0, 0.8, 0.85, 0.9)
+BOUNDARY_GRID = (0.0, 0.5, 1.0)
 
 
 def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
@@ -196,3 +209,40 @@ class UNetModule(InstanceSegModule):
             labels, scores = unet_outputs_to_labels(*self.predict_maps(image), **self.postprocess)
             results.append(labels_to_instances(labels, scores))
         return results
+
+    # ---------------------------------------------------------------- calibration
+    def threshold_values(self) -> dict[str, Any]:
+        """The inference settings that calibration chooses, as now set."""
+        pp = self.postprocess
+        return {"tta": self.tta, "fg_threshold": pp.get("fg_threshold", 0.6), "h": pp.get("h", 0.05),
+                "min_score": pp.get("min_score", 0.0), "boundary_weight": pp.get("boundary_weight", 0.0)}
+
+    def threshold_grid(self) -> dict[str, list]:
+        """Values tried per setting by :func:`cellrcnn.evaluation.calibrate.calibrate`: flip
+        averaging, the foreground probability, the watershed seed depth ``h`` and the boundary
+        weight (split versus merge), and the object score (mean foreground probability); the
+        current values are always among them."""
+        now = self.threshold_values()
+        return {"tta": [False, True], **{name: sorted({*values, now[name]}) for name, values in (
+            ("fg_threshold", FG_GRID), ("h", H_GRID), ("min_score", MIN_SCORE_GRID), ("boundary_weight", BOUNDARY_GRID))}}
+
+    def label_images_over_grid(self, image: torch.Tensor, grid: dict[str, list]) -> Iterator[tuple[tuple, np.ndarray]]:
+        """``((tta, fg_threshold, h, min_score, boundary_weight), H×W label image)`` for every grid
+        point: the network runs once per ``tta`` value, the watershed once per (tta, fg, h,
+        boundary weight), and the object-score filter is applied to its result."""
+        maps = {flag: self.predict_maps(image, tta=flag) for flag in grid["tta"]}
+        for tta, fg, h, bw in itertools.product(grid["tta"], grid["fg_threshold"], grid["h"], grid["boundary_weight"]):
+            settings = {**self.postprocess, "fg_threshold": fg, "h": h, "boundary_weight": bw,
+                        "seed_method": "hmaxima", "min_score": 0.0}
+            labels, scores = unet_outputs_to_labels(*maps[tta], **settings)
+            for score in grid["min_score"]:
+                yield (tta, fg, h, score, bw), drop_low_scores(labels, scores, score)[0]
+
+    def apply_thresholds(self, chosen: dict[str, Any]) -> dict[str, Any]:
+        """Set the chosen settings (the seeds become h-maxima, which ``h`` belongs to); returns the
+        hyper-parameter update that a checkpoint stores."""
+        chosen = dict(chosen)
+        self.tta = bool(chosen.pop("tta"))
+        self.postprocess = {**self.postprocess, **chosen, "seed_method": "hmaxima"}
+        return {"postprocess": self.postprocess, "tta": self.tta}
+

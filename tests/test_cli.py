@@ -1,0 +1,98 @@
+"""The ``cellrcnn`` command as a user meets it: help texts, and mistakes answered with a message,
+a hint and a non-zero exit status, before any output is written or a model is loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cellrcnn.config import CONF_DIR
+
+
+def cellrcnn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``cellrcnn ARGS`` in ``cwd`` (as the console script, through ``python -m cellrcnn.cli``)."""
+    return subprocess.run([sys.executable, "-m", "cellrcnn.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def top_level_keys(config: str) -> set[str]:
+    return {k for k in yaml.safe_load((CONF_DIR / f"{config}.yaml").read_text()) if k not in ("defaults", "hydra")}
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "train"])
+def test_help_lists_every_option_with_an_example(command, tmp_path):
+    proc = cellrcnn(command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert f"Usage: cellrcnn {command}" in text and "Examples:" in text
+    for key in top_level_keys(command):
+        assert f"  {key}=" in text, f"{key} missing from cellrcnn {command} --help"
+    if command == "predict":  # training's config groups are no options of prediction
+        assert "experiment" not in text and "trainer" not in text
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_text("not a png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ok.png")
+    cases = {
+        ("input=missing", "output=o"): "no such file or folder",
+        ("input=notes.txt", "output=o"): "not an image file",
+        ("input=empty", "output=o"): "no images in this folder",
+        ("input=ok.png",): "missing output=",
+        ("input=ok.png", "output=o", "anomaly=true"): "add measure=true",
+        ("input=ok.png", "output=o", "ckpt_path=nothere.ckpt"): "no such checkpoint",
+        ("input=ok.png", "output=o", "diameter=-3"): "diameter is the objects' typical diameter",
+        ("input=ok.png", "output=o", "exports=[svg]"): "unknown format",
+    }
+    for args, message in cases.items():
+        proc = cellrcnn("predict", *args, "hydra.run.dir=run", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "o").exists()  # checked before the output folder is made
+
+
+@pytest.mark.slow
+def test_predict_exits_non_zero_when_no_image_could_be_read(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_text("not a png")
+    (tmp_path / "broken" / "b.tif").write_text("not a tiff")
+    proc = cellrcnn("predict", "input=broken", "output=o", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "a.png" in proc.stdout + proc.stderr and "b.tif" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_requires_the_dataset(tmp_path):
+    proc = cellrcnn("evaluate", "ckpt_path=model.ckpt", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "You must specify 'data'" in proc.stderr and "bbbc038" in proc.stderr
+
+
+def test_evaluate_missing_checkpoint(tmp_path):
+    proc = cellrcnn("evaluate", "ckpt_path=model.ckpt", "data=synthetic", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_missing_dataset_names_the_convert_command(tmp_path):
+    proc = cellrcnn("train", "data=bbbc038", "data.root=nowhere", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "nowhere/annotations/train.json: no such annotation file" in proc.stderr
+    assert "cellrcnn convert bbbc038 --src DOWNLOAD --out nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_command_and_version(tmp_path):
+    proc = cellrcnn("frobnicate", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown command" in proc.stderr and "predict" in proc.stderr
+    proc = cellrcnn("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("cellrcnn ")
