@@ -130,14 +130,14 @@ class Segmenter:
 
     def __init__(self, module, name: str = "", checkpoint: str | Path | None = None, tile_size: int = 1024,
                  tile_overlap: int = 128, score_threshold: float | None = None):
-        from cellrcnn.evaluate import input_settings, set_score_threshold
+        from cellrcnn.evaluate import set_score_threshold
 
         self.module = module
         self.name = name
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
         set_score_threshold(module, score_threshold)
-        self.settings = input_settings(module)  # channels, and inversion of bright backgrounds
+        self.settings = dict(module.input_settings)  # channels, and inversion of bright backgrounds
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> Segmenter:
@@ -170,6 +170,16 @@ class Segmenter:
         return predict_image(raw, self.module.predict_instances, tile_size=self.tile_size, overlap=self.tile_overlap,
                              progress=progress, **self.settings)
 
+    @staticmethod
+    def read(image: np.ndarray | str | Path, channel: int | None = None) -> np.ndarray:
+        """The raw H×W or H×W×3 pixels :meth:`segment` works on, from a file or an array."""
+        from cellrcnn.io import read_image
+
+        if isinstance(image, str | Path):
+            # the reader picks the channel itself: it knows a file's colour from its non-colour channels
+            return as_image(read_image(image, channel=channel))
+        return as_image(image, channel)
+
     def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = None,
                 channel: int | None = None, pixel_size: float | None = None, name: str | None = None,
                 progress: bool = False) -> Result:
@@ -185,13 +195,11 @@ class Segmenter:
             progress: a progress bar over tiles for large images.
         """
         from cellrcnn.inference.scale import check_diameter, predict_at_diameter
-        from cellrcnn.io import label_dtype, read_image
+        from cellrcnn.io import label_dtype
 
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
-            # the reader picks the channel itself: it knows a file's colour from its non-colour channels
-            image, channel = read_image(image, channel=channel), None
-        raw = as_image(image, channel)
+        raw = self.read(image, channel)
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
         labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
                                                    self.object_diameter)

@@ -5,6 +5,7 @@ sequential ones do. Images are small disk fields whose object count is known."""
 import asyncio
 import io
 import json
+import shutil
 import zipfile
 
 import httpx
@@ -14,9 +15,10 @@ import pytest
 import tifffile
 from PIL import Image
 
+from cellrcnn.api import WEIGHTS_DIR
 from cellrcnn.serve import main
 from cellrcnn.serve.app import ServeSettings, create_app
-from cellrcnn.serve.jobs import InferencePool, QueueFull
+from cellrcnn.serve.jobs import InferencePool, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS
 from cellrcnn.serve.uploads import safe_name, sniff_suffix
 
@@ -35,8 +37,15 @@ def disks_png(n: int, size: int = 128, value: int = 200) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def app():
-    return create_app("nuclei", ServeSettings(max_upload_mb=LIMIT_MB, max_megapixels=0.1, workers=2, max_queue=2))
+def app(tmp_path_factory):
+    """The service over a weights folder with the shipped model twice (``nuclei``, ``nuclei_copy``);
+    no result cache, so every request segments (a test swaps one in)."""
+    weights = tmp_path_factory.mktemp("weights")
+    for name in ("nuclei", "nuclei_copy"):
+        for suffix in (".ckpt", ".json"):
+            shutil.copy(WEIGHTS_DIR / f"nuclei{suffix}", weights / f"{name}{suffix}")
+    settings = ServeSettings(max_upload_mb=LIMIT_MB, max_megapixels=0.1, workers=2, max_queue=2, cache_megapixels=0)
+    return create_app("nuclei", settings, weights_dir=weights)
 
 
 def request(app, *calls):
@@ -60,6 +69,15 @@ def test_health_and_models(app):
     assert {k: health.json()[k] for k in ("status", "model")} == {"status": "ok", "model": "nuclei"}
     listed = {m["name"]: m for m in models.json()["models"]}
     assert listed["nuclei"]["default"] and listed["nuclei"]["card"]["module"] == "UNetModule"
+    assert listed["nuclei"]["loaded"] and not listed["nuclei_copy"]["default"]
+
+
+def test_a_request_names_another_model(app):
+    response = post(app, disks_png(2), model="nuclei_copy")
+    assert response.status_code == 200 and response.json()["model"] == "nuclei_copy"
+    assert response.json()["n_objects"] == 2
+    listed = {m["name"]: m for m in request(app, ("GET", "/models", {}))[0].json()["models"]}
+    assert listed["nuclei_copy"]["loaded"]  # loaded on first use, then kept
 
 
 def test_page_and_assets_are_served_locally(app):
@@ -206,6 +224,28 @@ def test_sniffing_and_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--max-upload-mb" in capsys.readouterr().out
+
+
+def test_downloads_reuse_the_labels_just_computed(app):
+    data = disks_png(3)
+    fresh = post(app, data, fmt="csv").content  # no cache: segmented for this request
+    app.state.cache, no_cache = ResultCache(max_megapixels=1), app.state.cache
+    try:
+        assert post(app, data).json()["n_objects"] == 3
+        assert post(app, data, fmt="csv").content == fresh  # the same labels, not segmented again
+        assert post(app, data, fmt="csv", diameter="17").status_code == 200  # other settings: segmented
+        assert app.state.cache.stats() | {"megapixels": 0} == {"entries": 2, "megapixels": 0, "hits": 1, "misses": 2}
+    finally:
+        app.state.cache = no_cache
+
+
+def test_result_cache_is_bounded_by_pixels():
+    cache = ResultCache(max_megapixels=0.05)  # 50,000 label pixels
+    for i in range(4):
+        cache.put(("image", i), np.zeros((100, 150), np.uint16), np.zeros(0), {})  # 15,000 each
+    assert cache.stats()["entries"] == 3 and cache.get(("image", 0)) is None and cache.get(("image", 3)) is not None
+    cache.put(("huge",), np.zeros((300, 300), np.uint16), np.zeros(0), {})  # larger than the whole cache
+    assert cache.get(("huge",)) is None
 
 
 @pytest.mark.slow

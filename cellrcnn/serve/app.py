@@ -9,6 +9,7 @@ one image is a 500 for that request only.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 import shutil
@@ -23,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from cellrcnn import __version__
-from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull
+from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS, formats_help, render_file, result_json
 from cellrcnn.serve.uploads import (
     Upload,
@@ -49,6 +50,7 @@ class ServeSettings:
     max_queue: int = 8  # further images admitted to wait; beyond: 503 + Retry-After
     tile_size: int = 1024
     tile_overlap: int = 128
+    cache_megapixels: float = 32.0  # label images of recent requests kept in memory for their downloads
 
 
 def _parse_number(fields: dict[str, str], name: str, allow_auto: bool = False) -> float | str | None:
@@ -87,10 +89,12 @@ SEGMENT_FORM = {
 }
 
 
-def create_app(model: str = "nuclei", settings: ServeSettings | None = None) -> FastAPI:
-    """The application, with ``model`` (a shipped model name or a checkpoint path) loaded now."""
+def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
+               weights_dir: str | Path | None = None) -> FastAPI:
+    """The application, with ``model`` (a shipped model name or a checkpoint path) loaded now;
+    ``weights_dir``: where the shipped models are (default ``cellrcnn/weights``)."""
     settings = settings or ServeSettings()
-    registry = ModelRegistry(model, tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
+    registry = ModelRegistry(model, weights_dir, tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
     registry.get()  # loaded once, before the first request; a broken checkpoint fails at start-up
     pool = InferencePool(settings.workers, settings.max_queue)
     temp_root = Path(tempfile.mkdtemp(prefix="cellrcnn-serve-"))
@@ -105,10 +109,12 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None) -> 
     app = FastAPI(
         title="cellrcnn", version=__version__, lifespan=lifespan,
         description="Instance segmentation of cells and nuclei. `POST /segment` an image; the answer is "
-                    f"JSON, or with `?format=` one file: {formats_help()}. The server keeps no image and "
-                    "no result: a download sends the image again.",
+                    f"JSON, or with `?format=` one file: {formats_help()}. The server keeps no image: a "
+                    "download sends the image again (the label images of recent requests stay in memory, "
+                    "so it is not segmented twice).",
     )
     app.state.registry, app.state.pool, app.state.temp_root, app.state.settings = registry, pool, temp_root, settings
+    app.state.cache = ResultCache(settings.cache_megapixels)  # read per request, like the pool
 
     def retry_after() -> str:
         pool = app.state.pool
@@ -127,11 +133,27 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None) -> 
     def health() -> dict:
         pool = app.state.pool
         return {"status": "ok", "model": registry.default, "version": __version__,
-                "queue": {"admitted": pool.admitted, "capacity": pool.capacity, "completed": pool.completed}}
+                "queue": {"admitted": pool.admitted, "capacity": pool.capacity, "completed": pool.completed},
+                "cache": app.state.cache.stats()}
 
     @app.get("/models", summary="the models a request may name, with their model cards")
     def models() -> dict:
         return {"default": registry.default, "models": registry.cards()}
+
+    def segment_or_reuse(data: bytes, path: Path, model_name: str, diameter, channel, pixel_size, name: str):
+        """The Segmenter's result for the file at ``path``, its labels reused from the cache when
+        these very bytes were segmented with the same settings."""
+        from cellrcnn.api import Result
+
+        segmenter, cache = registry.get(model_name), app.state.cache
+        key = (hashlib.sha256(data).hexdigest(), model_name, str(diameter), channel)
+        hit = cache.get(key)
+        if hit is not None:
+            labels, scores, info = hit
+            return Result(labels, scores, segmenter.read(path, channel), name=name, pixel_size=pixel_size, info=info)
+        result = segmenter.segment(path, diameter=diameter, channel=channel, pixel_size=pixel_size, name=name)
+        cache.put(key, result.labels, result.scores, result.info)
+        return result
 
     def segment_job(upload: Upload, suffix: str, model_name: str, fmt: str | None, diameter, pixel_size,
                     channel: int | None, include_overlay: bool):
@@ -148,8 +170,7 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None) -> 
                 raise UploadError(422, f"{client_name}: {shape[1]}×{shape[0]} pixels exceeds the limit of "
                                        f"{settings.max_megapixels:g} megapixels")
             try:
-                result = registry.get(model_name).segment(path, diameter=diameter, channel=channel,
-                                                          pixel_size=pixel_size, name=client_name)
+                result = segment_or_reuse(upload.data, path, model_name, diameter, channel, pixel_size, client_name)
             except ImageReadError as exc:  # the message names our temporary file: name the client's
                 raise UploadError(422, str(exc).replace(str(path), client_name)) from exc
             except ValueError as exc:  # a diameter the model cannot use, a channel out of range, ...

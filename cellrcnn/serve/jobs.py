@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,3 +110,48 @@ class ModelRegistry:
             out.append({"name": name, "default": name == self.default, "loaded": name in self._loaded,
                         "card": json.loads(card.read_text()) if card.is_file() else {}})
         return out
+
+
+class ResultCache:
+    """The label images of recent requests, so that downloading a result just shown (the page
+    sends the image again for each format) does not segment it again.
+
+    Keyed by (SHA-256 of the uploaded bytes, model, diameter, channel); holds labels, scores and
+    the resize info only (the image is decoded again from the upload). Bounded by the total
+    number of label pixels, least recently used first out; ``max_megapixels=0`` disables it.
+    Kept in memory only, never on disk, and lost when the server stops.
+    """
+
+    def __init__(self, max_megapixels: float = 32.0):
+        self.max_pixels = float(max_megapixels) * 1e6
+        self._items: OrderedDict = OrderedDict()
+        self._pixels = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple):
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple, labels, scores, info: dict) -> None:
+        if labels.size > self.max_pixels:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (labels, scores, dict(info))
+            self._pixels += labels.size
+            while self._pixels > self.max_pixels:
+                _, (old, _, _) = self._items.popitem(last=False)
+                self._pixels -= old.size
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._items), "megapixels": round(self._pixels / 1e6, 3), "hits": self.hits,
+                    "misses": self.misses}
