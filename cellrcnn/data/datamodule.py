@@ -11,7 +11,10 @@ generator when ``num_workers=0``, the worker's (seeded by torch from the base se
 and ``random`` are seeded in :func:`seed_worker`) otherwise. The same seed and
 ``num_workers`` give the same batches (0 and >0 workers give different, equally valid
 streams). Under DDP Lightning swaps in a distributed sampler, and the seed is offset by the
-global rank so ranks do not repeat each other's augmentations.
+global rank so ranks do not repeat each other's augmentations. Every training epoch is
+reseeded from (seed, rank, epoch) (:mod:`cellrcnn.data.samplers`) and the data module's
+``state_dict`` (saved in checkpoints) holds the process RNGs, so a run resumed from ``last.ckpt``
+continues with the weights an uninterrupted run reaches (one process).
 
 Balanced sampling (``balance="appearance"``): public nuclei sets are dominated by one
 modality (two thirds of DSB 2018 are small fluorescence fields) while the rare ones (H&E,
@@ -30,10 +33,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cellrcnn.data.appearance import appearance_key  # noqa: F401  (re-exported)
 from cellrcnn.data.coco import CocoInstanceDataset, to_tensors
+from cellrcnn.data.samplers import EpochRandomSampler, EpochWeightedRandomSampler
 from cellrcnn.data.splits import split_by_hash  # noqa: F401  (re-exported: the one split rule)
 from cellrcnn.data.target import Target
 from cellrcnn.data.transforms import Compose, build_train_transforms
@@ -233,6 +237,9 @@ class CellDataModule(L.LightningDataModule):
                 self._generators[split].set_state(pending)
         return self._generators[split]
 
+    def _current_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
     def _augmenters(self) -> list:
         """The training datasets that draw augmentation seeds (AugmentedDataset parts), in order."""
         found, stack = [], [self.datasets.get("train")]
@@ -344,13 +351,17 @@ class CellDataModule(L.LightningDataModule):
             # with replacement, one epoch = as many draws as images; under DDP Lightning wraps this
             # sampler so the ranks split every epoch's draws
             weights = torch.as_tensor(self.sample_weights())
-            sampler = WeightedRandomSampler(
+            sampler = EpochWeightedRandomSampler(
                 weights, len(weights), replacement=True, generator=self._generator(split)
             )
+        elif train:
+            sampler = EpochRandomSampler(self.datasets[split], generator=self._generator(split))
+        if sampler is not None:  # epoch e's order and augmentations depend on (seed, rank, e) only: exact resume
+            sampler.seed_epochs(self._rank_seed(), self._augmenters(), self._current_epoch)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
+            shuffle=False,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
