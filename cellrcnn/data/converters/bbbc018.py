@@ -52,7 +52,7 @@ def convert(src: str | Path, out: str | Path, *, min_area: int = 16, dilate: boo
             else:
                 report.problem(ref_name(tree.files[name]), f"no outline {well}-{kind}.png; image skipped")
             continue
-        pairs.append(Pair(name, path.name, tree.files[name], tree.files[outline], category))
+        pairs.append(Pair(path.name, path.name, tree.files[name], tree.files[outline], category))
     if not pairs:
         raise ConversionError(f"{src}: no <well>-DNA/actin images with matching outlines found")
     return convert_pairs(pairs, out, source=NAME, licence=LICENCE, url=URL, categories=CATEGORIES, report=report,

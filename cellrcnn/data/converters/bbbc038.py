@@ -1,8 +1,11 @@
 """BBBC038 / Kaggle 2018 Data Science Bowl nuclei -> COCO.
 
 Sources (DATASETS.md §1):
-- ``stage1_train.zip`` read in place, or its extracted folder: ``<ImageId>/images/<ImageId>.png``
-  and one PNG per nucleus in ``<ImageId>/masks/``. A top-level folder, directory entries and
+- ``stage1_train.zip`` read in place, its extracted folder, or a folder holding the zip (read
+  when the folder has no extracted images): ``<ImageId>/images/<ImageId>.png``
+  and one PNG per nucleus in ``<ImageId>/masks/``. An image without masks is reported and not
+  written (the layout has no empty masks/ folders); a zip without any masks, such as
+  ``stage1_test.zip``, is an error that asks for ``labels``. A top-level folder, directory entries and
   ``__MACOSX`` entries are all tolerated. Each mask PNG is one instance (split nuclei stay one
   instance; overlapping masks, as in the community-fixed release, are kept as they are).
 - RLE CSVs (``labels=``): ``stage1_train_labels.csv`` (ImageId, EncodedPixels),
@@ -158,6 +161,9 @@ def convert(src: str | Path | None, out: str | Path, *, labels: list[str | Path]
         raise ConversionError("bbbc038: give --src (zip or folder) and/or --labels CSV")
     tree = SourceTree(src, mount_zips=False) if src is not None and images else None
     found = find_images(tree, report) if tree is not None else {}
+    if tree is not None and not found and tree.root.is_dir():
+        tree = SourceTree(src)  # no extracted images: look inside the zips of the folder
+        found = find_images(tree, report)
     rows = read_rle_csvs(csvs, report) if csvs else {}
     tasks, missing = [], []
     out_images = str(out / "images")
@@ -178,9 +184,16 @@ def convert(src: str | Path | None, out: str | Path, *, labels: list[str | Path]
             tasks.append(_Task(image_id, ref, [], entry["rles"], entry["height"], entry["width"],
                                entry["split"], out_images))
     elif tree is not None:
+        if found and not any(masks for _, masks in found.values()):
+            raise ConversionError(f"bbbc038: {src} holds {len(found):,} images but no masks/ folders (a test-stage "
+                                  "zip?); give the masks as RLE with --labels, e.g. stage1_solution.csv")
         for image_id, (image, masks) in found.items():
             if not image:
                 missing.append(ImageResult(key=image_id, n_read=len(masks), ok=False))
+                continue
+            if not masks:
+                report.problem(ref_name(tree.files[image]), "no masks/ folder beside the image; skipped")
+                missing.append(ImageResult(key=image_id, ok=False))  # counted as read, not written
                 continue
             tasks.append(_Task(image_id, tree.files[image], [(m, tree.files[m]) for m in masks], [], 0, 0,
                                None, out_images))

@@ -40,7 +40,7 @@ def convert(src: str | Path, out: str | Path, *, min_area: int = 16, dilate: boo
         if outline is None:
             report.problem(ref_name(tree.files[name]), "no outline with the same name in ground_truth/ or outlines/")
             continue
-        pairs.append(Pair(name, path.name, tree.files[name], tree.files[outline], 1))
+        pairs.append(Pair(path.name, path.name, tree.files[name], tree.files[outline], 1))
     if not pairs:
         raise ConversionError(f"{src}: no images/ with matching ground_truth/ or outlines/ found")
     return convert_pairs(pairs, out, source=NAME, licence=LICENCE, url=URL, categories=CATEGORIES, report=report,

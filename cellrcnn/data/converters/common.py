@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from cellrcnn.data.splits import DEFAULT_FRACTIONS, SPLITS, assign_split, split_salt
+from cellrcnn.data.splits import DEFAULT_FRACTIONS, SPLITS, assign_split, hash_unit, split_salt
 
 
 class ConversionError(RuntimeError):
@@ -233,8 +233,11 @@ def write_coco(
     options: dict | None = None,
     annotation_only: bool = False,
     carve_val: bool = False,
+    ensure_val: bool = False,
 ) -> Path:
-    """Assign ids and splits, write the three annotation files and the report; print the counts."""
+    """Assign ids and splits, write the three annotation files and the report; print the counts.
+    ``ensure_val``: with 3 or more images and none in ``val`` by hash, move one train image there
+    (see :func:`ensure_one_val`)."""
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     recorded = recorded_images(out)  # what the previous conversion here wrote, read before replacing it
@@ -250,8 +253,11 @@ def write_coco(
     docs = {s: {"info": {**info, "split": s}, "licenses": [{"id": 1, "name": licence, "url": url}],
                 "categories": categories, "images": [], "annotations": []} for s in SPLITS}
     ann_id = 0
-    for image_id, res in enumerate(kept, start=1):
-        doc = docs[choose_split(res, fractions, carve_val, split_salt(source))]
+    chosen = [choose_split(res, fractions, carve_val, split_salt(source)) for res in kept]
+    if ensure_val and fractions[1] > 0:
+        ensure_one_val(kept, chosen, source)
+    for image_id, (res, split) in enumerate(zip(kept, chosen, strict=True), start=1):
+        doc = docs[split]
         doc["images"].append({"id": image_id, "file_name": res.file_name, "height": res.height,
                               "width": res.width, "source": source, **res.extra})
         for ann in res.annotations:
@@ -278,10 +284,32 @@ def write_coco(
                "instances_in_skipped_files": lost,
                "splits": {s: {"images": len(d["images"]), "instances": len(d["annotations"])} for s, d in docs.items()},
                "skipped": [{"file": n, "reason": r} for n, r in report.problems], "run": run,
-               "removed_stale_images": removed}
+               "removed_stale_images": removed,
+               "images_without_annotations": sorted(r.file_name for r in kept if not r.annotations)}
     write_bytes(out / "conversion.json", (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
     print_summary(summary)
     return out
+
+
+def ensure_one_val(kept: list[ImageResult], chosen: list[str], source: str) -> None:
+    """A small set (a user's 5-20 images) can leave ``val`` empty by hash, and training would
+    then run without validation. With >= 3 images and none in val, the hash-split train image
+    nearest the val share (largest hash unit) moves to val; official splits and test never move,
+    so held-out test images stay those of the split rule. Says so when it moves one, and when
+    ``test`` is empty."""
+    if kept and "test" not in chosen:
+        print(f"{source}: no image fell in test by hash ({len(kept)} images): score on val, or use more images "
+              "or --splits with a larger test share")
+    if len(kept) < 3 or "val" in chosen:
+        return
+    movable = [i for i, (res, split) in enumerate(zip(kept, chosen, strict=True))
+               if split == "train" and res.split in (None, "train")]
+    if not movable:
+        return
+    pick = max(movable, key=lambda i: (hash_unit(kept[i].key, split_salt(source)), kept[i].key))
+    chosen[pick] = "val"
+    print(f"{source}: no image fell in val by hash ({len(kept)} images); moved {kept[pick].file_name} "
+          "from train to val so that validation is not empty")
 
 
 def run_id(docs: dict[str, dict]) -> str:
@@ -393,6 +421,13 @@ def print_summary(s: dict) -> None:
     if s["images_written"] != s["images_read"] or s["instances_in_skipped_files"]:
         print(f"  {s['images_read'] - s['images_written']:,} images and "
               f"{s['instances_in_skipped_files']:,} instances not written because of the files below")
+    empty = s.get("images_without_annotations", [])
+    if empty and len(empty) == s["images_written"]:
+        print(f"  WARNING: none of the {len(empty):,} images written has an annotation: the masks or labels "
+              "were not found (check the source layout) or the images hold no objects", file=sys.stderr)
+    elif empty:
+        print(f"  warning: {len(empty):,} of {s['images_written']:,} images have no annotations: "
+              + ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
     if s["skipped"]:
         print(f"  skipped {len(s['skipped'])} file(s):")
         for item in s["skipped"]:

@@ -82,8 +82,22 @@ def _first(candidates: list[Path]) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def label_candidates(folder: Path, stem: str, name: str, mask_suffix: str) -> list[Path]:
+    """Where the label image of ``folder/name`` may be, in order: ``<stem><mask_suffix>.*`` and
+    Cellpose's own output ``<stem>_cp_masks.*`` beside it or in a ``masks/`` sub-folder, the same
+    name in ``masks/``, then the GUI's ``<stem>_seg.npy``."""
+    found = []
+    for where in (folder, folder / "masks"):
+        for suffix in dict.fromkeys((mask_suffix, "_cp_masks")):
+            found += [where / f"{stem}{suffix}{s}" for s in LABEL_SUFFIXES]
+    found += [folder / "masks" / name] + [folder / "masks" / f"{stem}{s}" for s in LABEL_SUFFIXES]
+    return found + [folder / f"{Path(name).stem}_seg.npy"]
+
+
 def find_pairs(folder: Path, mask_suffix: str, img_filter: str, report: Report) -> list[tuple[Path, Path]]:
     """(image, label file) pairs in one folder, StarDist layout first, else Cellpose naming."""
+    if folder.name == "images" and (folder.parent / "masks").is_dir():
+        folder = folder.parent  # the StarDist images/ folder itself was given: its masks/ is a sibling
     if (folder / "images").is_dir() and (folder / "masks").is_dir():
         pairs = []
         for img in image_files(folder / "images"):
@@ -102,9 +116,10 @@ def find_pairs(folder: Path, mask_suffix: str, img_filter: str, report: Report) 
             if not stem.endswith(img_filter):
                 continue
             stem = stem[: -len(img_filter)]
-        lab = _first([folder / f"{stem}{mask_suffix}{s}" for s in LABEL_SUFFIXES] + [folder / f"{img.stem}_seg.npy"])
+        lab = _first(label_candidates(folder, stem, img.name, mask_suffix))
         if lab is None:
-            report.problem(str(img), f"no {stem}{mask_suffix}.* or {img.stem}_seg.npy label file; skipped")
+            report.problem(str(img), f"no {stem}{mask_suffix}.*, {stem}_cp_masks.* (beside it or in masks/) "
+                           f"or {img.stem}_seg.npy label file; skipped")
         else:
             pairs.append((img, lab))
     return pairs
@@ -130,4 +145,4 @@ def convert(src: str | Path, out: str | Path, *, mask_suffix: str = "_masks", im
     official = {t.split for t in tasks}
     return write_coco(out, results, source=name, licence=licence, url=str(src), report=report,
                       categories=[{"id": 1, "name": "cell", "supercategory": "cell"}], fractions=parse_fractions(splits),
-                      carve_val="val" not in official, options={"mask_suffix": mask_suffix, "img_filter": img_filter})
+                      carve_val="val" not in official, ensure_val="val" not in official, options={"mask_suffix": mask_suffix, "img_filter": img_filter})

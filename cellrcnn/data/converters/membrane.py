@@ -1,7 +1,8 @@
 """U-Net ``data/membrane`` (ISBI 2012 EM, zhixuhao/unet) -> COCO instances.
 
-Source (DATASETS.md §9): ``<src>/image/<n>.png`` and ``<src>/label/<n>.png`` (or ``<src>/train/...``,
-the repository layout), 512×512 8-bit. Label 255 (white) is cell interior, 0 the membrane.
+Source (DATASETS.md §9): ``image/<n>.png`` and ``label/<n>.png`` at any depth of a folder or
+zip: ``data/membrane/train/...`` of the repository, or the repository zip that
+``convert download membrane`` fetches (``unet-master.zip``, read in place), 512×512 8-bit. Label 255 (white) is cell interior, 0 the membrane.
 Instances are the 4-connected components of ``label > 127``; components touching the border
 are cells too and are kept. ``min_area`` (default 0: keep all) drops specks, ``dilate`` grows
 each cell by 1 px into the membrane. Names are numeric and sorted numerically (0, 1, 2, …, 10),
@@ -12,7 +13,7 @@ The ``train/aug`` folder is augmentation output, not ground truth, and is ignore
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from cellrcnn.data.converters.common import (
     write_coco,
 )
 from cellrcnn.data.converters.instances import binary_instances, decode_image, drop_alpha, label_annotations
-from cellrcnn.io import image_files
+from cellrcnn.data.converters.sourcefs import Ref, SourceTree, read_ref, ref_name
 
 NAME = "membrane"
 LICENCE = "ISBI 2012 terms: non-commercial segmentation research; cite TrakEM2 and Cardona et al. 2010"
@@ -37,8 +38,8 @@ CATEGORIES = [{"id": 1, "name": "cell", "supercategory": "cell"}]
 @dataclass
 class _Task:
     key: str
-    image: str
-    label: str
+    image: Ref
+    label: Ref
     min_area: int
     dilate: bool
     out_images: str
@@ -50,15 +51,15 @@ def numeric_key(stem: str) -> str:
 
 
 def _convert_image(task: _Task) -> ImageResult:
-    res = ImageResult(key=task.key, file_name=Path(task.image).name)
-    with res.guard(task.image):
-        data = Path(task.image).read_bytes()
-        res.height, res.width = (int(v) for v in decode_image(data, task.image).shape[:2])
+    res = ImageResult(key=task.key, file_name=PurePosixPath(task.image[1]).name)
+    with res.guard(ref_name(task.image)):
+        data = read_ref(task.image)
+        res.height, res.width = (int(v) for v in decode_image(data, task.image[1]).shape[:2])
         write_bytes(Path(task.out_images) / res.file_name, data)
     if not res.ok:
         return res
-    with res.guard(task.label):
-        label = drop_alpha(decode_image(Path(task.label).read_bytes(), task.label))
+    with res.guard(ref_name(task.label)):
+        label = drop_alpha(decode_image(read_ref(task.label), task.label[1]))
         label = label.max(axis=-1) if label.ndim == 3 else label
         if label.shape != (res.height, res.width):
             raise ValueError(f"label is {label.shape} but the image is {(res.height, res.width)} (H×W)")
@@ -70,25 +71,33 @@ def _convert_image(task: _Task) -> ImageResult:
     return res
 
 
+def _files_in(tree: SourceTree, folder: str) -> dict[str, str]:
+    """Stem -> path of the image files in folders named ``folder`` (the first such folder only:
+    a second copy elsewhere in the tree would pair images with the wrong labels)."""
+    names = sorted(n for n in tree.files if PurePosixPath(n).parent.name == folder
+                   and PurePosixPath(n).suffix.lower() in (".png", ".tif", ".tiff"))
+    parents = sorted({str(PurePosixPath(n).parent) for n in names}, key=lambda p: (p.count("/"), p))
+    return {PurePosixPath(n).stem: n for n in names if str(PurePosixPath(n).parent) == parents[0]} if names else {}
+
+
 def convert(src: str | Path, out: str | Path, *, min_area: int = 0, dilate: bool = False,
             splits: str | None = None, strict: bool = False, workers: int | None = None) -> Path:
-    """Convert a membrane folder (``image/`` + ``label/``) into COCO under ``out``."""
+    """Convert a membrane folder or zip (``image/`` + ``label/`` at any depth) into COCO under ``out``."""
     report = Report(strict=strict)
-    src = Path(src)
-    base = src / "train" if (src / "train" / "image").is_dir() else src
-    if not (base / "image").is_dir() or not (base / "label").is_dir():
-        raise ConversionError(f"{src}: expected image/ and label/ folders (or train/image and train/label)")
-    images = {p.stem: p for p in image_files(base / "image", (".png", ".tif", ".tiff"))}
-    labels = {p.stem: p for p in image_files(base / "label", (".png", ".tif", ".tiff"))}
+    tree = SourceTree(src)
+    images, labels = _files_in(tree, "image"), _files_in(tree, "label")
+    if not images or not labels:
+        raise ConversionError(f"{src}: expected image/ and label/ folders (e.g. data/membrane/train/image and "
+                              "train/label, or the unet-master.zip that `download membrane` fetches)")
     tasks = []
     for stem in sorted(images, key=numeric_key):
         if stem not in labels:
-            report.problem(str(images[stem]), "no label with the same name; skipped")
+            report.problem(ref_name(tree.files[images[stem]]), "no label with the same name; skipped")
             continue
-        tasks.append(_Task(numeric_key(stem), str(images[stem]), str(labels[stem]), min_area, dilate,
+        tasks.append(_Task(numeric_key(stem), tree.files[images[stem]], tree.files[labels[stem]], min_area, dilate,
                            str(Path(out) / "images")))
     for stem in sorted(set(labels) - set(images), key=numeric_key):
-        report.problem(str(labels[stem]), "label without an image; skipped")
+        report.problem(ref_name(tree.files[labels[stem]]), "label without an image; skipped")
     if not tasks:
         raise ConversionError(f"{src}: no image/label pairs found")
     results = run_tasks(_convert_image, tasks, report, workers, desc=NAME)

@@ -42,7 +42,9 @@ from cellrcnn.data.converters.sourcefs import Ref, read_ref, ref_name
 class Pair:
     """One annotated image: where its pixels and its outline drawing are, and what they show."""
 
-    key: str  # stable sort/split key: the image path relative to the source
+    # sort/split key: the image's own name (below its image folder), not its path in the source,
+    # so the split does not depend on how deep the user unpacked the download
+    key: str
     file_name: str  # output path under images/ (suffix may change when re-encoded)
     image: Ref
     outline: Ref
@@ -136,7 +138,8 @@ def convert_pairs(pairs: list[Pair], out: str | Path, *, source: str, licence: s
 def pair_by_folder(files: dict[str, Ref], image_dir: str, outline_dir: str, report: Report,
                    outline_suffixes: tuple[str, ...] = ()) -> list[tuple[str, str, Ref, Ref]]:
     """(key, relative path, image ref, outline ref) for images under a folder named ``image_dir``
-    whose outline sits at the same relative path under ``outline_dir`` (any listed suffix)."""
+    whose outline sits at the same relative path under ``outline_dir`` (any listed suffix).
+    The key is that path below ``image_dir``: the folders above it are the user's, not the data's."""
     found = []
     for name in sorted(files):
         parts = PurePosixPath(name).parts
@@ -150,7 +153,7 @@ def pair_by_folder(files: dict[str, Ref], image_dir: str, outline_dir: str, repo
         if outline is None:
             report.problem(ref_name(files[name]), f"no outline file {base}; image skipped")
             continue
-        found.append((name, str(rel), files[name], files[outline]))
+        found.append((str(rel), str(rel), files[name], files[outline]))
     return found
 
 

@@ -76,6 +76,22 @@ def ref_name(ref: Ref) -> str:
     return f"{ref[0]}:{ref[1]}" if ref[0] else ref[1]
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Every file below ``root``, sorted, following symlinked folders (a user's data tree often
+    links to the download); a folder reached twice through links is read once (no cycles)."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(Path(folder) / name for name in files)
+    return sorted(found)
+
+
 class SourceTree:
     """All data files below ``src`` (a folder or a ``.zip``), keyed by posix relative path."""
 
@@ -92,7 +108,7 @@ class SourceTree:
                 raise ValueError(f"{self.root}: expected a folder or a .zip archive")
             self._mount(self.root)
             return
-        for path in sorted(self.root.rglob("*")):
+        for path in walk_files(self.root):
             rel = path.relative_to(self.root).as_posix()
             if not path.is_file() or is_junk(rel):
                 continue
