@@ -5,7 +5,8 @@
 
 Starts ``python -m cellrcnn.serve`` on a free loopback port (never another host), then for each
 number of concurrent clients sends a fixed number of ``POST /segment`` requests (JSON answer)
-with the same image, stopping early at the time limit. Reports requests/s, p50/p95 latency, errors
+with the same image, stopping early at the time limit (the server's result cache is off unless
+``--cache-megapixels`` is given, so every request is segmented). Reports requests/s, p50/p95 latency, errors
 (any answer but 200; 503 = refused by the bounded queue, counted apart), and the server's resident
 memory: after start-up and the peak during each run (sampled from /proc every 50 ms; Linux).
 Writes ``bench/results/serve_load.{md,json}``.
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="the server's --workers")
     p.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads (torch threads per worker)")
+    p.add_argument("--cache-megapixels", type=float, default=0.0,
+                   help="the server's result cache; off by default, since every request sends the same image")
     p.add_argument("--model", default="nuclei")
     p.add_argument("--image", default=None, help="image file to send (default: a 256×256 nucleus field)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load"), help="results path without suffix")
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = round(os.getloadavg()[0], 2)  # other work on the machine shares its cores
     port = free_port()
     command = [sys.executable, "-m", "cellrcnn.serve", "--host", "127.0.0.1", "--port", str(port), "--model",
-               args.model, "--workers", str(args.workers), "--max-queue", str(args.max_queue), "--log-level", "warning"]
+               args.model, "--workers", str(args.workers), "--max-queue", str(args.max_queue), "--log-level", "warning",
+               "--cache-megapixels", str(args.cache_megapixels)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         server.wait(timeout=30)
 
     setup = {"image": image[0], "image_bytes": len(image[1]), "model": args.model, "workers": args.workers,
+             "cache_megapixels": args.cache_megapixels,
              "max_queue": args.max_queue, "threads": args.threads, "startup_s": round(startup_s, 1),
              "rss_after_startup_mb": round(idle_mb, 1), "cpus": os.cpu_count(), "load_average_before": load_before,
              "machine": platform.machine(), "command": "python bench/serve_load.py " + " ".join(argv or sys.argv[1:])}
