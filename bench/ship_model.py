@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cellrcnn.inference.scale import annotation_diameter
+from cellrcnn.data.sizes import annotation_diameter
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_METRICS = ("dsb_score", "segm_AP", "segm_AP50", "f1@0.5", "f1@0.7", "precision@0.5", "recall@0.5",

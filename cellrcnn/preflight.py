@@ -64,7 +64,8 @@ def check_evaluate(cfg: DictConfig) -> None:
     if not Path(str(cfg.ckpt_path)).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
                          "train.py writes them to outputs/<name>/<time>/checkpoints/ (calibrated.ckpt, last.ckpt)")
-    check_diameter_value(cfg.get("diameter"))
+    diameter = cfg.get("diameter")
+    check_diameter_value(None if diameter == "gt" else diameter)  # gt: each image at its annotated size
 
 
 def require_values(cfg: DictConfig, command: str, **meaning: str) -> None:

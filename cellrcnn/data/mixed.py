@@ -55,7 +55,7 @@ class Source:
 def image_diameters(dataset: CocoInstanceDataset) -> np.ndarray:
     """Median equivalent nucleus diameter (px) of every image of a dataset, from its annotation
     areas (box-only objects: sqrt(w·h)); nan for an image without objects."""
-    from cellrcnn.inference.scale import equivalent_diameter
+    from cellrcnn.data.sizes import equivalent_diameter
 
     out = np.full(len(dataset), np.nan)
     for i, info in enumerate(dataset.images):
@@ -180,7 +180,7 @@ class MixedDataModule(CellDataModule):
     def training_object_diameter(self) -> float | None:
         """Median nucleus diameter of the training images as the model sees them (resized),
         recorded in the checkpoint for ``diameter=...`` at inference."""
-        from cellrcnn.inference.scale import equivalent_diameter
+        from cellrcnn.data.sizes import equivalent_diameter
 
         sizes = []
         for _, source in self._present("train"):

@@ -23,11 +23,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# the size helpers live in the data layer (below the models); importable from here as before
+from cellrcnn.data.sizes import annotation_diameter, equivalent_diameter, object_diameters  # noqa: F401
+from cellrcnn.errors import UsageError
 
 TOLERANCE = 1.3  # sizes within this ratio of the training median need no resizing
 MIN_OBJECTS = 5  # fewer objects measure no reliable median size
@@ -36,36 +39,6 @@ AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny ob
 MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
 
 LabelFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # raw image -> (labels, scores)
-
-
-def equivalent_diameter(area) -> np.ndarray:
-    """Diameter of the disk with the same area."""
-    return np.sqrt(4.0 * np.asarray(area, dtype=np.float64) / math.pi)
-
-
-def object_diameters(labels: np.ndarray) -> np.ndarray:
-    """Equivalent diameter in pixels of every object of a label image."""
-    areas = np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
-    return equivalent_diameter(areas[areas > 0])
-
-
-def annotation_diameter(annotation_file: str | Path) -> float | None:
-    """Median object diameter (pixels) of a COCO instance file; None when it has no objects.
-
-    Masked objects count by their area; box-only ones (no ``segmentation``) by sqrt(w·h), the
-    diameter of a disk filling the box.
-    """
-    from cellrcnn.data.coco import load_coco_json
-
-    sizes = []
-    for ann in load_coco_json(annotation_file)["annotations"]:
-        if ann.get("iscrowd"):
-            continue
-        if ann.get("segmentation") and ann.get("area"):
-            sizes.append(float(equivalent_diameter(ann["area"])))
-        elif ann.get("bbox"):
-            sizes.append(math.sqrt(max(float(ann["bbox"][2]) * float(ann["bbox"][3]), 0.0)))
-    return float(np.median(sizes)) if sizes else None
 
 
 def resize_image(raw: np.ndarray, factor: float) -> np.ndarray:
@@ -110,13 +83,13 @@ def scale_factor(object_diameter: float, model_diameter: float) -> float:
 
 
 def check_diameter(diameter: float | str | None, model_diameter: float | None, checkpoint: str = "") -> None:
-    """Raise a ValueError saying what to do when ``diameter`` cannot be used with this model."""
+    """Raise a UsageError (a ValueError) saying what to do when ``diameter`` cannot be used with this model."""
     if diameter is None:
         return
     if diameter != "auto" and not (isinstance(diameter, (int, float)) and diameter > 0):
-        raise ValueError(f"diameter must be a positive number of pixels, auto or null, got {diameter!r}")
+        raise UsageError(f"diameter must be a positive number of pixels, auto or null, got {diameter!r}")
     if not model_diameter:
-        raise ValueError(
+        raise UsageError(
             f"{checkpoint or 'this checkpoint'}: it does not record the object size it was trained on "
             "(hyper-parameter object_diameter, written by train.py), so diameter=... cannot be used "
             "with it; predict without diameter, or retrain it"

@@ -111,7 +111,7 @@ def targets_to_unet_maps(masks, boundary_width: int = 1) -> tuple[np.ndarray, np
 def median_diameter(mask: np.ndarray, min_size: int = 10) -> float:
     """Median equivalent diameter (pixels) of the connected components of ``mask`` of at least
     ``min_size`` pixels; 0 when there is none."""
-    from cellrcnn.inference.scale import equivalent_diameter, object_diameters
+    from cellrcnn.data.sizes import equivalent_diameter, object_diameters
 
     diameters = object_diameters(ndimage.label(mask)[0])
     diameters = diameters[diameters >= equivalent_diameter(min_size)]

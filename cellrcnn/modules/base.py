@@ -209,7 +209,7 @@ class InstanceSegModule(L.LightningModule):
             if hasattr(datamodule, "training_object_diameter"):  # several sources, rescaled to one size
                 self.hparams["object_diameter"] = datamodule.training_object_diameter()
             else:
-                from ..inference.scale import annotation_diameter
+                from ..data.sizes import annotation_diameter
 
                 self.hparams["object_diameter"] = annotation_diameter(datamodule.annotation_file("train"))
         if hasattr(datamodule, "training_image_digests"):
