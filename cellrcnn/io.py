@@ -53,6 +53,7 @@ class NonFiniteWarning(UserWarning):
 
 
 MAX_IMAGE_PIXELS = int(os.environ.get("CELLRCNN_MAX_IMAGE_PIXELS", 1 << 30))
+NORMALISED_LIMIT = 1e4  # normalised model input is clipped to ±this (1 = the image's 99.8th percentile)
 
 
 def set_max_image_pixels(limit: int) -> None:
@@ -265,7 +266,9 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8
         lo, hi = np.percentile(image, [low, high])
     if hi - lo < 1e-6:  # flat image (blank field): keep it flat rather than amplify noise
         hi = lo + max(1.0, abs(lo))
-    return (image - lo) / (hi - lo)
+    out = (image - lo) / (hi - lo)
+    # a stray 1e30 pixel is finite but overflows the network's normalisation layers: bounded here
+    return np.clip(out, -NORMALISED_LIMIT, NORMALISED_LIMIT, out=out)
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -48,6 +48,8 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from cellrcnn.io import NORMALISED_LIMIT
+
 PredictFn = Callable[[list[torch.Tensor]], list[dict]]
 
 DUPLICATE_FRACTION = 0.5  # an overlap above this share of the smaller object means "same object"
@@ -90,7 +92,11 @@ def estimate_percentiles(
     ``max_samples`` pixels per channel at most, so a 16k×16k image costs a few MB, not a float
     copy of the whole image. A flat image gets a unit range, as in ``normalize_percentile``.
     """
-    lo, hi = (float(v) for v in np.percentile(subsample(image, max_samples), [low, high]))
+    sample = subsample(image, max_samples)
+    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN/inf pixels (an array given directly): ignored
+        finite = sample[np.isfinite(sample)]
+        lo, hi = (float(v) for v in np.percentile(finite, [low, high])) if finite.size else (0.0, 1.0)
     if hi - lo < 1e-6:
         hi = lo + max(1.0, abs(lo))
     return lo, hi
@@ -113,6 +119,9 @@ def _tile_tensor(image: np.ndarray, ys: slice, xs: slice, scale: tuple[float, fl
     if scale is not None:
         lo, hi = scale
         tile = (tile - lo) / (hi - lo)
+        # bounded as cellrcnn.io.normalize_percentile: NaN -> 0, a 1e30 pixel cannot overflow the network
+        tile = np.nan_to_num(tile, nan=0.0, posinf=NORMALISED_LIMIT, neginf=-NORMALISED_LIMIT, copy=False)
+        np.clip(tile, -NORMALISED_LIMIT, NORMALISED_LIMIT, out=tile)
     if channels is not None and tile.shape[0] != channels:
         if channels == 1:
             tile = tile.mean(axis=0, keepdims=True)  # colour -> grey, as cellrcnn.io.to_channels
