@@ -2,14 +2,18 @@
 
 Layouts (DATASETS.md §11), searched in ``src`` and in ``src/{train,val,test}`` (then the
 official split, with val carved from train by hash when only train/test exist):
-- StarDist: ``images/<name>`` + ``masks/<name>`` (same name; another label suffix is accepted);
+- StarDist: ``images/<name>`` + ``masks/<name>`` (same name; another label suffix is accepted),
+  also when ``src`` is the ``images/`` folder itself;
 - Cellpose: ``<name>.<ext>`` + ``<name>_masks.<ext>`` in one folder (``mask_suffix``,
-  ``img_filter`` as Cellpose's ``--mask_filter``/``--img_filter``); files ending ``_masks``,
-  ``_flows``, ``_cellprob``, ``_cp_output``, ``_seg`` are not images;
+  ``img_filter`` as Cellpose's ``--mask_filter``/``--img_filter``), or Cellpose's own output
+  ``<name>_cp_masks.<ext>``, either beside the image or in a ``masks/`` sub-folder (where the
+  image's own name is accepted too); files ending ``_masks``, ``_flows``, ``_cellprob``,
+  ``_cp_output``, ``_seg`` are not images;
 - Cellpose GUI: ``<name>_seg.npy`` next to ``<name>.<ext>`` (only its ``masks`` is used; the file is
   a pickle, so convert only files you trust).
 Each non-zero label value is one instance (values need not be consecutive; a disconnected label
-stays one instance). Images are copied byte for byte.
+stays one instance). Images are copied byte for byte. Without an official ``val`` folder, a set
+of 3 or more images always gets at least one validation image (printed when the hash gave none).
 """
 
 from __future__ import annotations
