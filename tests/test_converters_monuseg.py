@@ -15,7 +15,7 @@ import tifffile
 from pycocotools import mask as mask_utils
 
 from cellrcnn.data.converters import monuseg
-from cellrcnn.data.converters.common import ConversionError
+from cellrcnn.data.converters.common import ConversionError, encode_mask
 from cellrcnn.data.converters.validate import validate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg"
@@ -122,11 +122,9 @@ def xml_vs_png_agreement() -> tuple[int, int, float, list[float]]:
     for name in sorted(n for n in xz.namelist() if n.endswith(".xml")):
         image_id = Path(name).stem
         polygons, _ = monuseg.parse_regions(xz.read(name))
-        xml_rles = [mask_utils.encode(np.asfortranarray(monuseg.rasterise(p, 1000, 1000).astype(np.uint8)))
-                    for p in polygons if len(p) >= 3]
-        png_rles = [mask_utils.encode(np.asfortranarray(
-            (cv2.imdecode(np.frombuffer(mz.read(m), np.uint8), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8)))
-            for m in members if m.startswith(f"MoNuSeg_train/{image_id}/masks/") and m.endswith(".png")]
+        xml_rles = [encode_mask(monuseg.rasterise(p, 1000, 1000)) for p in polygons if len(p) >= 3]
+        png_rles = [encode_mask(cv2.imdecode(np.frombuffer(mz.read(m), np.uint8), cv2.IMREAD_GRAYSCALE))
+                    for m in members if m.startswith(f"MoNuSeg_train/{image_id}/masks/") and m.endswith(".png")]
         n_xml, n_png = n_xml + len(polygons), n_png + len(png_rles)
         best = mask_utils.iou(xml_rles, png_rles, [0] * len(png_rles)).max(axis=1)
         best_all.extend(best.tolist())
