@@ -195,3 +195,15 @@ def test_images_without_annotations_warn(tmp_path, capsys):
     assert "WARNING: none of the 3 images written has an annotation" in captured.err
     assert json.loads((out / "conversion.json").read_text())["images_without_annotations"] == [
         "e0.tif", "e1.tif", "e2.tif"]
+
+
+def test_small_outline_folder_gets_a_validation_image(tmp_path, capsys):
+    names = [f"f{i}" for i in range(300) if assign_split(f"f{i}.png", salt=split_salt("cho")) == "train"][:3]
+    src = tmp_path / "mine"
+    for sub in ("images", "outlines"):
+        (src / sub).mkdir(parents=True)
+    for name in names:
+        cv2.imwrite(str(src / "images" / f"{name}.png"), np.full((24, 24), 50, np.uint8))
+        cv2.imwrite(str(src / "outlines" / f"{name}.png"), outline_image())
+    got = splits_of(cho.convert(src, tmp_path / "out", workers=1))
+    assert sorted(got.values()) == ["train", "train", "val"] and "from train to val" in capsys.readouterr().out

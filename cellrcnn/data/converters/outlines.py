@@ -126,13 +126,15 @@ def _convert_pair(task: _Task) -> ImageResult:
 def convert_pairs(pairs: list[Pair], out: str | Path, *, source: str, licence: str, url: str,
                   categories: list[dict], report: Report, min_area: int = 16, dilate: bool = False,
                   flip_outlines: bool = False, splits: str | None = None, workers: int | None = None) -> Path:
-    """Run the outline rule over ``pairs`` and write COCO (hash splits: no official split)."""
+    """Run the outline rule over ``pairs`` and write COCO (hash splits: no official split; the
+    sets are small, BBBC009 has 5 images, and ``cho`` takes any user's folder, so one validation
+    image is guaranteed from 3 images on)."""
     out_images = str(Path(out) / "images")
     tasks = [_Task(p, min_area, dilate, flip_outlines, out_images) for p in sorted(pairs, key=lambda p: p.key)]
     results = run_tasks(_convert_pair, tasks, report, workers, desc=source)
     options = {"min_area": min_area, "dilate": dilate, "flip_outlines": flip_outlines, "connectivity": 4}
     return write_coco(out, results, source=source, licence=licence, url=url, categories=categories,
-                      report=report, fractions=parse_fractions(splits), options=options)
+                      report=report, fractions=parse_fractions(splits), options=options, ensure_val=True)
 
 
 def pair_by_folder(files: dict[str, Ref], image_dir: str, outline_dir: str, report: Report,
