@@ -64,11 +64,14 @@ def _read_member(handle: zipfile.ZipFile, name: str, where: str, limit: int | No
     if info.file_size > limit:
         raise OSError(f"{where}: declares {info.file_size:,} bytes uncompressed, above the limit of {limit:,} "
                       "(CELLRCNN_MAX_MEMBER_BYTES)")
-    with handle.open(info) as member:
-        data = member.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{where}: decompresses past the limit of {limit:,} bytes (CELLRCNN_MAX_MEMBER_BYTES)")
-    return data
+    chunks, total = [], 0
+    with handle.open(info) as member:  # in chunks: read(n) allocates n bytes up front
+        while chunk := member.read(min(16 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise OSError(f"{where}: decompresses past the limit of {limit:,} bytes (CELLRCNN_MAX_MEMBER_BYTES)")
+    return b"".join(chunks)
 
 
 def ref_name(ref: Ref) -> str:
