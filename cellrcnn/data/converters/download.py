@@ -47,6 +47,10 @@ MANUAL = {
     "cho": "BBBC030 archive names are not pinned; fetch the images and ground truth from "
            "https://bbbc.broadinstitute.org/BBBC030 into images/ and ground_truth/.",
     "folder": "A local folder: nothing to download.",
+    "monuseg": "Fetch MoNuSegTrainingData.zip (and MoNuSegTestData.zip) from the links on "
+               "https://monuseg.grand-challenge.org/Data/ (hosted on Google Drive; CC BY-NC-SA 4.0).",
+    "sbsst265": "Fetch the dataset archive from the Files tab of https://www.ebi.ac.uk/biostudies/studies/S-BSST265 "
+                "(CC0).",
 }
 
 
