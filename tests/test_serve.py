@@ -98,7 +98,7 @@ def test_segment_json(app):
     assert len(body["cells"]) == 3 and body["summary"]["count"] == 3
     assert all(60 < cell["area_um2"] < 70 for cell in body["cells"])  # 249-257 px × 0.25 µm²
     assert body["cells"][0]["image"] == "three_disks.png"
-    assert set(body["downloads"]) == set(FORMATS)
+    assert set(body["downloads"]) == set(FORMATS) and isinstance(body["warnings"], list)
     overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["overlay_png_base64"])))
     assert overlay.size == (128, 128) and overlay.mode == "RGB"
 
@@ -195,6 +195,56 @@ def test_full_queue_answers_503_with_retry_after(app):
     assert statuses == [200, 503, 503]
     assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
     assert "busy" in busy.json()["detail"]
+
+
+def test_uploads_in_progress_hold_their_place_in_the_queue(app):
+    """With room for one request, a slow upload still streaming in makes the next request a 503:
+    bodies in memory are bounded by the queue, not only running jobs."""
+    app.state.pool, default_pool = InferencePool(workers=1, max_queue=0), app.state.pool
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="slow.png"\r\n\r\n'
+
+    async def go():
+        release = asyncio.Event()
+
+        async def slow_body():
+            yield head
+            await release.wait()
+            yield disks_png(1) + b"\r\n--B--\r\n"
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cellrcnn.test", timeout=300) as client:
+            slow = asyncio.ensure_future(client.post("/segment", content=slow_body(), headers={
+                "content-type": "multipart/form-data; boundary=B"}))
+            await asyncio.sleep(0.2)
+            second = await client.post("/segment", files={"file": ("b.png", disks_png(2), "image/png")})
+            release.set()
+            return await slow, second
+
+    try:
+        slow, second = asyncio.run(go())
+    finally:
+        app.state.pool.shutdown()
+        app.state.pool = default_pool
+    assert second.status_code == 503
+    assert slow.status_code == 200 and slow.json()["n_objects"] == 1
+
+
+def test_tiff_jpeg_and_channel_uploads(app):
+    yy, xx = np.mgrid[:128, :128]
+    disks = ((yy - 40) ** 2 + (xx - 40) ** 2 < 81) | ((yy - 90) ** 2 + (xx - 80) ** 2 < 81)
+    tiff = io.BytesIO()
+    tifffile.imwrite(tiff, np.where(disks, 3000, 400).astype(np.uint16))  # 16-bit
+    jpeg = io.BytesIO()
+    Image.fromarray(np.where(disks, 200, 30).astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
+    noise = np.random.default_rng(0).integers(0, 80, (128, 128, 3)).astype(np.uint8)
+    noise[..., 1] = np.where(disks, 220, 20)  # the nuclei are in channel 1 only
+    rgb = io.BytesIO()
+    Image.fromarray(noise).save(rgb, format="PNG")
+    assert post(app, tiff.getvalue(), filename="deep.tif").json()["n_objects"] == 2
+    assert post(app, jpeg.getvalue(), filename="photo.jpg").json()["n_objects"] == 2
+    assert post(app, rgb.getvalue(), filename="rgb.png", channel="1").json()["n_objects"] == 2
+    bad = post(app, rgb.getvalue(), filename="rgb.png", channel="7")
+    assert bad.status_code == 422 and "channel" in bad.json()["detail"]
 
 
 def test_pool_admits_at_most_workers_plus_queue():

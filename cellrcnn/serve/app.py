@@ -22,6 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from cellrcnn import __version__
 from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull, ResultCache
@@ -196,32 +197,34 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
         if format is not None and format not in FORMATS:
             raise UploadError(422, f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
         pool = app.state.pool  # read per request: an operator (or a test) may swap in another pool
-        if pool.admitted >= pool.capacity:  # refuse before reading a body that would only wait
-            raise QueueFull(f"{pool.admitted} images are being segmented or waiting (capacity {pool.capacity})")
-        upload = await read_multipart(request.headers.get("content-type", ""), request.headers.get("content-length"),
-                                      request.stream(), int(settings.max_upload_mb * 2**20))
-        fields = upload.fields
-        model_name = fields.get("model") or registry.default
-        if model_name not in registry.names:
-            raise UploadError(422, f"unknown model {model_name!r}; available: {', '.join(registry.names)}")
-        diameter = _parse_number(fields, "diameter", allow_auto=True)
-        pixel_size = _parse_number(fields, "pixel_size")
-        channel = fields.get("channel", "").strip()
-        if channel and not channel.isdigit():
-            raise UploadError(422, f"channel must be a channel index (0, 1, ...), got {channel!r}")
-        include_overlay = fields.get("include_overlay", "").lower() in ("1", "true", "yes")
-        suffix = sniff_suffix(upload.data[:16])
-        if suffix is None:
-            raise UploadError(415, f"{safe_name(upload.filename)}: not an image "
-                                   "(PNG, TIFF, JPEG or BMP expected)")
-        try:
-            answer = await pool.run(segment_job, upload, suffix, model_name, format, diameter, pixel_size,
-                                    int(channel) if channel else None, include_overlay)
-        except (UploadError, QueueFull):
-            raise
-        except Exception:  # one image's failure must not take the server down; the log has the trace
-            log.exception("segmenting %s failed", upload.filename)
-            return JSONResponse({"detail": "internal error while segmenting this image"}, status_code=500)
+        with pool.slot():  # held from the upload's first byte: at most `capacity` bodies in memory
+            try:
+                upload = await read_multipart(request.headers.get("content-type", ""),
+                                              request.headers.get("content-length"), request.stream(),
+                                              int(settings.max_upload_mb * 2**20))
+            except ClientDisconnect:
+                raise UploadError(400, "the connection closed before the upload was complete") from None
+            fields = upload.fields
+            model_name = fields.get("model") or registry.default
+            if model_name not in registry.names:
+                raise UploadError(422, f"unknown model {model_name!r}; available: {', '.join(registry.names)}")
+            diameter = _parse_number(fields, "diameter", allow_auto=True)
+            pixel_size = _parse_number(fields, "pixel_size")
+            channel = fields.get("channel", "").strip()
+            if channel and not channel.isdigit():
+                raise UploadError(422, f"channel must be a channel index (0, 1, ...), got {channel!r}")
+            include_overlay = fields.get("include_overlay", "").lower() in ("1", "true", "yes")
+            suffix = sniff_suffix(upload.data[:16])
+            if suffix is None:
+                raise UploadError(415, f"{safe_name(upload.filename)}: not an image (PNG, TIFF, JPEG or BMP expected)")
+            try:
+                answer = await pool.execute(segment_job, upload, suffix, model_name, format, diameter, pixel_size,
+                                            int(channel) if channel else None, include_overlay)
+            except UploadError:
+                raise
+            except Exception:  # one image's failure must not take the server down; the log has the trace
+                log.exception("segmenting %s failed", upload.filename)
+                return JSONResponse({"detail": "internal error while segmenting this image"}, status_code=500)
         if format is None:
             return JSONResponse(answer)
         data, media_type, filename = answer

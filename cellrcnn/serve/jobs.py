@@ -12,8 +12,9 @@ import asyncio
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,10 +26,11 @@ class QueueFull(Exception):
 
 
 class InferencePool:
-    """A thread pool that admits at most ``workers + max_queue`` jobs at once.
+    """A thread pool that admits at most ``workers + max_queue`` requests at once.
 
-    Admission is counted on the event loop thread (the only one that calls :meth:`run`), so the
-    counter needs no lock.
+    A request holds its slot from the first byte of its upload to its answer (:meth:`slot`), so at
+    most ``capacity`` uploads are in memory however many clients connect. Admission is counted
+    on the event loop thread (the only one that takes slots), so the counter needs no lock.
     """
 
     def __init__(self, workers: int = 1, max_queue: int = 8):
@@ -36,23 +38,33 @@ class InferencePool:
             raise ValueError(f"workers must be >= 1 and max_queue >= 0, got {workers} and {max_queue}")
         self.workers, self.max_queue = int(workers), int(max_queue)
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cellrcnn-infer")
-        self.admitted = 0  # running + waiting
+        self.admitted = 0  # uploading, running or waiting for a worker
         self.completed = 0
 
     @property
     def capacity(self) -> int:
         return self.workers + self.max_queue
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the pool; raise :class:`QueueFull` when over capacity."""
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the ``capacity`` places; raise :class:`QueueFull` when none is free."""
         if self.admitted >= self.capacity:
             raise QueueFull(f"{self.admitted} images are being segmented or waiting (capacity {self.capacity})")
         self.admitted += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            yield
         finally:
             self.admitted -= 1
             self.completed += 1
+
+    async def execute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker thread (call it while holding a :meth:`slot`)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Take a slot and run ``fn(*args)`` in a worker thread; :class:`QueueFull` when over capacity."""
+        with self.slot():
+            return await self.execute(fn, *args)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

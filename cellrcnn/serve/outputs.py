@@ -49,6 +49,8 @@ def result_json(result, model: str, downloads_for: str = "/segment") -> dict:
         "image": result.name,
         "pixel_size": result.pixel_size,
         "resize_factor": result.info.get("factor", 1.0),
+        # reasons not to trust this result (an image unlike the model's training data), when the model gives them
+        "warnings": [str(w) for w in result.info.get("warnings", [])],
         "cells": cells,
         "summary": {k: _plain(v) for k, v in summary.iloc[0].to_dict().items()},
         "downloads": {fmt: f"{downloads_for}?format={fmt}" for fmt in FORMATS},

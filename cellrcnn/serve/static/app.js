@@ -100,6 +100,9 @@ function show(card, file, options, data) {
   $(".count", card).textContent = data.n_objects;
   const scale = data.resize_factor !== 1 ? ` · predicted at ${data.resize_factor}× size` : "";
   $(".size", card).textContent = `${data.width} × ${data.height} px${scale}`;
+  const warnings = $(".warnings", card);
+  for (const text of data.warnings || []) warnings.append(Object.assign(document.createElement("li"), { textContent: text }));
+  warnings.hidden = !(data.warnings || []).length;
   const img = $(".overlay", card);
   img.onload = () => zoomable($(".frame", card), img, card);
   img.src = `data:image/png;base64,${data.overlay_png_base64}`;
