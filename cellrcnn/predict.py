@@ -48,7 +48,7 @@ def input_files(path: str | Path) -> tuple[list[Path], list[Path]]:
     return images, [p for p in files if p not in images]
 
 
-def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int]], cfg: DictConfig) -> None:
+def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int]], cfg: DictConfig):
     """``measurements.csv`` (or .parquet with ``table_format=parquet``): one row per cell, with
     ``anomaly_score`` / ``is_anomalous`` from a shape autoencoder fitted on this run's cells when
     ``anomaly=true``; ``summary.csv``: count, mean area and density per image (zero-cell images included)."""
@@ -66,6 +66,19 @@ def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int
     suffix = ".parquet" if cfg.get("table_format") == "parquet" else ".csv"
     write_table(table, out / f"measurements{suffix}")
     write_table(summarize(table, image_shapes=shapes, pixel_size=cfg.get("pixel_size")), out / f"summary{suffix}")
+    return table
+
+
+def flag_anomalies_in_exports(out: Path, images: list[dict], table, formats: set[str]) -> None:
+    """Rewrite the GeoJSON / ROI exports with the anomaly flags, which exist only once the shape
+    model has seen every image's cells (the label images are read back from ``<stem>.tif``)."""
+    from .inference import write_exports
+    from .io import read_label_image
+
+    for entry in images:
+        rows = table[table["image"] == Path(entry["file"]).name]
+        labels = read_label_image(out / entry["labels"])
+        write_exports(out, Path(entry["labels"]).stem, labels, formats=tuple(sorted(formats)), measurements=rows)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -120,7 +133,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
     write_coco_results(out / "coco_results.json", results)
     if cfg.get("measure"):
-        write_measurements(out, tables, shapes, cfg)
+        table = write_measurements(out, tables, shapes, cfg)
+        if "is_anomalous" in table and {"geojson", "imagej"} & set(cfg.get("exports") or ()):
+            flag_anomalies_in_exports(out, summary["images"], table, {"geojson", "imagej"} & set(cfg.exports))
     summary["ignored"] = [str(p) for p in others]
     atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if summary["skipped"]:

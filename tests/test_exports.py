@@ -198,3 +198,21 @@ def test_overlay_outlines_are_bright_and_thick_on_large_stained_images():
     edge = rgb[labels > 0][(rgb[labels > 0] != (217, 140, 204)).any(axis=-1)].astype(int)
     assert edge.max(axis=-1).min() == 255  # every outline colour at full value
     assert (edge[:, 1] >= edge[:, 2]).mean() > 0.5 and edge[:, 1].min() >= 170  # green-yellow-cyan, no magenta
+
+
+def test_anomaly_flags_reach_geojson_and_roi_exports(tmp_path):
+    import pandas as pd
+
+    from cellrcnn.inference.exports import to_geojson, write_imagej_rois
+
+    labels = np.zeros((40, 40), np.uint16)
+    labels[2:10, 2:10], labels[20:30, 5:12], labels[25:35, 25:35] = 1, 2, 3
+    table = pd.DataFrame({"label": [1, 2, 3], "area_px": [64.0, 70.0, 100.0], "anomaly_score": [0.1, 2.5, 0.2],
+                          "is_anomalous": [False, True, False]})
+    features = {f["properties"]["name"]: f["properties"] for f in to_geojson(labels, measurements=table)["features"]}
+    assert [features[k]["classification"]["name"] for k in "123"] == ["Nucleus", "Nucleus: anomalous", "Nucleus"]
+    assert features["2"]["classification"]["color"] == [255, 0, 0]
+    assert features["2"]["measurements"]["is_anomalous"] == 1.0 and features["2"]["measurements"]["anomaly_score"] == 2.5
+    rois = roifile.roiread(write_imagej_rois(tmp_path / "r.zip", labels, measurements=table))
+    assert [r.name for r in rois] == ["1", "2-anomalous", "3"]
+    assert rois[1].stroke_color == bytes((255, 255, 0, 0)) and rois[0].stroke_color != rois[1].stroke_color

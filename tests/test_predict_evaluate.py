@@ -212,3 +212,16 @@ def test_predict_measures_flags_and_exports(trained, images, tmp_path, monkeypat
     assert "area_um2" in table.columns and len(table) > 0  # score_threshold=0 keeps every detection
     assert {"anomaly_score", "is_anomalous"} <= set(table.columns)
     assert (out / "shape_anomaly_model.pt").is_file()
+    # the flags reach QuPath and Fiji: class "Nucleus: anomalous" / ROI name "<label>-anomalous"
+    for im in summary["images"]:
+        rows = table[table["image"] == Path(im["file"]).name].set_index("label")
+        stem = Path(im["labels"]).stem
+        for feature in json.loads((out / f"{stem}.geojson").read_text())["features"]:
+            props = feature["properties"]
+            flagged = bool(rows.loc[int(props["name"]), "is_anomalous"])
+            assert (props["classification"]["name"] == "Nucleus: anomalous") == flagged
+            assert props["measurements"]["anomaly_score"] == pytest.approx(rows.loc[int(props["name"]), "anomaly_score"])
+        if len(rows):
+            rois = roifile.roiread(out / f"{stem}_rois.zip")
+            named = {int(r.name.split("-")[0]): r.name.endswith("-anomalous") for r in (rois if isinstance(rois, list) else [rois])}
+            assert named == {int(k): bool(v) for k, v in rows["is_anomalous"].items()}

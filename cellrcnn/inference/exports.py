@@ -152,7 +152,7 @@ def write_exports(
         written["geojson"] = write_geojson(out_dir / f"{stem}.geojson", labels, measurements=measurements,
                                            scores=scores)
     if "imagej" in formats:
-        written["imagej"] = write_imagej_rois(out_dir / f"{stem}_rois.zip", labels)
+        written["imagej"] = write_imagej_rois(out_dir / f"{stem}_rois.zip", labels, measurements=measurements)
     if "overlay" in formats:
         if image_raw is None:
             raise ValueError(f"{stem}: an overlay needs the image (image_raw)")
@@ -212,6 +212,16 @@ def _closed(ring: np.ndarray) -> list[list[float]]:
     return [[float(x), float(y)] for x, y in ring] + [[float(ring[0, 0]), float(ring[0, 1])]]
 
 
+ANOMALY_COLOR = (255, 0, 0)  # cells flagged by the shape-anomaly model, in QuPath and Fiji
+
+
+def anomalous_labels(measurements: pd.DataFrame | None) -> set[int]:
+    """Labels of the rows flagged ``is_anomalous`` (empty without the column)."""
+    if measurements is None or "is_anomalous" not in measurements:
+        return set()
+    return {int(k) for k in measurements.loc[measurements["is_anomalous"].astype(bool), "label"]}
+
+
 def to_geojson(
     labels: np.ndarray,
     object_type: str = "detection",
@@ -224,13 +234,14 @@ def to_geojson(
 
     ``measurements``: a :func:`~cellrcnn.inference.measurements.measure` table (rows matched by
     ``label``); its numeric columns go to ``properties.measurements``. ``scores`` (``scores[k-1]``
-    or ``{k: s}``) adds a ``score`` measurement.
+    or ``{k: s}``) adds a ``score`` measurement. Cells flagged ``is_anomalous`` (``anomaly=true``)
+    are classified ``<classification>: anomalous`` in red, so QuPath can select and count them.
     """
     if object_type not in ("detection", "annotation", "cell"):
         raise ValueError(f"object_type must be 'detection', 'annotation' or 'cell', got {object_type!r}")
-    rows = {}
+    rows, flagged = {}, anomalous_labels(measurements)
     if measurements is not None:
-        numeric = measurements.select_dtypes("number")
+        numeric = measurements.select_dtypes(["number", "bool"]).astype(float)
         rows = {int(k): r for k, r in zip(measurements["label"], numeric.to_dict("records"), strict=True)}
     features = []
     for k, parts in object_polygons(labels):
@@ -240,7 +251,9 @@ def to_geojson(
         props: dict = {"objectType": object_type, "name": str(k)}
         if object_type == "annotation":
             props["isLocked"] = False
-        if classification:
+        if classification and k in flagged:
+            props["classification"] = {"name": f"{classification}: anomalous", "color": list(ANOMALY_COLOR)}
+        elif classification:
             props["classification"] = {"name": classification, "color": list(color)}
         values = {key: float(v) for key, v in rows.get(k, {}).items() if np.isfinite(v)}
         s = _score_of(scores, k)
@@ -259,8 +272,9 @@ def write_geojson(path: str | Path, labels: np.ndarray, **kwargs) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_imagej_rois(path: str | Path, labels: np.ndarray) -> Path:
-    """ImageJ/Fiji ROI set (``.zip``) with one traced polygon ROI per object, named by label."""
+def write_imagej_rois(path: str | Path, labels: np.ndarray, measurements: pd.DataFrame | None = None) -> Path:
+    """ImageJ/Fiji ROI set (``.zip``) with one traced polygon ROI per object, named by label;
+    cells flagged ``is_anomalous`` in ``measurements`` are named ``<label>-anomalous`` and drawn red."""
     import roifile
 
     path = Path(path)
@@ -268,11 +282,15 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray) -> Path:
         raise ValueError(f"{path}: an ImageJ ROI set is a .zip file")
     labels = np.asarray(labels)
     digits = len(str(int(labels.max()))) if labels.size else 1
+    flagged = anomalous_labels(measurements)
     rois = []
     for k, parts in object_polygons(labels):
         outer = parts[0][0]
-        roi = roifile.ImagejRoi.frompoints(outer.astype(np.int32), name=f"{k:0{digits}d}")
+        name = f"{k:0{digits}d}" + ("-anomalous" if k in flagged else "")
+        roi = roifile.ImagejRoi.frompoints(outer.astype(np.int32), name=name)
         roi.roitype = roifile.ROI_TYPE.TRACED  # pixel-edge outline, as ImageJ's wand produces
+        if k in flagged:
+            roi.stroke_color = bytes((255, *ANOMALY_COLOR))  # ARGB
         roi.right, roi.bottom = int(outer[:, 0].max()), int(outer[:, 1].max())
         rois.append(roi)
 
