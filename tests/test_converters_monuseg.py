@@ -92,10 +92,13 @@ def test_png_masks_and_xml_with_images_from_another_zip(tmp_path, capsys):
     xml_zip = tmp_path / "xml.zip"
     with zipfile.ZipFile(xml_zip, "w") as zf:
         zf.writestr("Annotations/TCGA-AA-0001.xml", XML)
+        zf.writestr("Annotations/TCGA-CC-0003.xml", XML)  # its image is in neither zip
     with pytest.raises(ConversionError, match="--images"):  # the XML gives no image size
-        monuseg.convert(xml_zip, tmp_path / "none", strict=True, workers=1)
+        monuseg.convert(xml_zip, tmp_path / "none", workers=1)
     out = monuseg.convert(xml_zip, tmp_path / "xml", images=masks_zip, workers=1)
-    assert "1 images, 3 instances read; 2 written" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "2 images, 6 instances read; 2 written" in text
+    assert "TCGA-CC-0003.xml: no image found" in text and "1 images and 3 instances not written" in text
     images = [im for d in all_docs(out).values() for im in d["images"]]
     assert [(im["file_name"], im["annotation"]) for im in images] == [("TCGA-AA-0001.png", "xml")]
     assert (out / "images" / "TCGA-AA-0001.png").read_bytes() == zipfile.ZipFile(masks_zip).read(

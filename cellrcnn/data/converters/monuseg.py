@@ -188,6 +188,9 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
     annotated = sorted(set(xmls) | set(masks))
     if not annotated:
         raise ConversionError(f"{src}: no MoNuSeg annotations found (*.xml, or <id>/masks/*.png)")
+    if not any(i in refs for i in annotated):
+        raise ConversionError(f"{src}: {len(annotated)} annotated images but none of the images (the XML gives no "
+                              "image size): pass the images with --images (a folder of .tif, or the PNG-layout zip)")
     paths = {i: xmls.get(i) or found_images.get(i) or masks[i][0] for i in annotated}
     has_test = any(_is_official_test(p) for p in paths.values())
 
