@@ -229,6 +229,23 @@ def test_uploads_in_progress_hold_their_place_in_the_queue(app):
     assert slow.status_code == 200 and slow.json()["n_objects"] == 1
 
 
+def test_a_stalled_upload_gives_its_place_back(app):
+    app.state.settings.upload_idle_timeout_s, default = 0.3, app.state.settings.upload_idle_timeout_s
+
+    async def stalled_body():
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n\r\n'
+        await asyncio.sleep(5)
+        yield b"never read"
+
+    try:
+        response = request(app, ("POST", "/segment", {"content": stalled_body(), "headers": {
+            "content-type": "multipart/form-data; boundary=B"}}))[0]
+    finally:
+        app.state.settings.upload_idle_timeout_s = default
+    assert response.status_code == 408 and "no data for 0.3 s" in response.json()["detail"]
+    assert app.state.pool.admitted == 0
+
+
 def test_tiff_jpeg_and_channel_uploads(app):
     yy, xx = np.mgrid[:128, :128]
     disks = ((yy - 40) ** 2 + (xx - 40) ** 2 < 81) | ((yy - 90) ** 2 + (xx - 80) ** 2 < 81)

@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=8, help="images allowed to wait for a worker")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: CPU cores / workers)")
+    p.add_argument("--upload-timeout", type=float, default=60.0,
+                   help="seconds an upload may send nothing before it is dropped (408)")
     p.add_argument("--cache-megapixels", type=float, default=32.0,
                    help="label images of recent requests kept in memory, so downloads do not segment again (0: off)")
     p.add_argument("--tile-size", type=int, default=1024, help="larger images are predicted in tiles of this size")
@@ -48,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     from cellrcnn.serve.app import ServeSettings, create_app
 
     if args.workers < 1 or args.max_queue < 0 or args.max_upload_mb <= 0 or args.max_megapixels <= 0 \
-            or args.cache_megapixels < 0:
+            or args.cache_megapixels < 0 or args.upload_timeout <= 0:
         parser().error("--workers must be >= 1, --max-queue and --cache-megapixels >= 0, and the limits positive")
     settings = ServeSettings(max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
                              workers=args.workers, max_queue=args.max_queue, tile_size=args.tile_size,
-                             cache_megapixels=args.cache_megapixels)
+                             cache_megapixels=args.cache_megapixels, upload_idle_timeout_s=args.upload_timeout)
     try:
         app = create_app(args.model, settings)
     except (ValueError, FileNotFoundError) as exc:

@@ -52,6 +52,7 @@ class ServeSettings:
     tile_size: int = 1024
     tile_overlap: int = 128
     cache_megapixels: float = 32.0  # label images of recent requests kept in memory for their downloads
+    upload_idle_timeout_s: float = 60.0  # an upload that sends nothing for this long is dropped (408)
 
 
 def _parse_number(fields: dict[str, str], name: str, allow_auto: bool = False) -> float | str | None:
@@ -201,7 +202,7 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
             try:
                 upload = await read_multipart(request.headers.get("content-type", ""),
                                               request.headers.get("content-length"), request.stream(),
-                                              int(settings.max_upload_mb * 2**20))
+                                              int(settings.max_upload_mb * 2**20), settings.upload_idle_timeout_s)
             except ClientDisconnect:
                 raise UploadError(400, "the connection closed before the upload was complete") from None
             fields = upload.fields

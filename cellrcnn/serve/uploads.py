@@ -9,6 +9,7 @@ per-request temporary folder the caller owns.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -72,11 +73,12 @@ def safe_name(filename: str, default: str = "the upload") -> str:
 
 
 async def read_multipart(content_type: str, content_length: str | None, chunks: AsyncIterator[bytes],
-                         max_bytes: int) -> Upload:
+                         max_bytes: int, idle_timeout: float | None = None) -> Upload:
     """Parse a ``multipart/form-data`` body as it streams in, stopping at ``max_bytes``.
 
     Raises :class:`UploadError` 413 when the body (declared or actual) exceeds ``max_bytes``,
-    415 when it is not multipart, 422 when it has no ``file`` part.
+    415 when it is not multipart, 422 when it has no ``file`` part, 408 when no byte arrived for
+    ``idle_timeout`` seconds (a stalled client must not hold its place in the queue for ever).
     """
     mime, params = parse_options_header(content_type or "")
     if mime != b"multipart/form-data" or b"boundary" not in params:
@@ -110,7 +112,14 @@ async def read_multipart(content_type: str, content_length: str | None, chunks: 
         "on_header_end": on_header_end, "on_part_data": on_part_data,
     })
     received = 0
-    async for chunk in chunks:
+    stream = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise UploadError(408, f"the upload stalled: no data for {idle_timeout:g} s") from None
         received += len(chunk)
         if received > max_bytes:  # a body without (or with a false) Content-Length stops here
             raise UploadError(413, f"upload exceeds the limit of {limit_mb:g} MB")
