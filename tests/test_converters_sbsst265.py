@@ -94,6 +94,10 @@ def test_snake_case_and_values():
     assert sbsst265.parse_value("Signal/Noise", "34,1") == 34.1
     assert sbsst265.parse_value("Testset class", "-") is None
     assert sbsst265.parse_value("S/N Class", ">=4,<40") == ">=4,<40"
+    latin1 = "Image_Name;Device\na;Mikroskop µ\n".encode("latin-1")
+    assert sbsst265.read_description(latin1) == {"a": {"device": "Mikroskop µ"}}
+    resaved = b"\xef\xbb\xbf" + b"Image_Name;Signal/Noise\na;3,5\n"
+    assert sbsst265.read_description(resaved) == {"a": {"signal_to_noise": 3.5}}
 
 
 @pytest.mark.slow

@@ -97,7 +97,9 @@ def parse_value(column: str, text: str) -> str | float | None:
 
 def read_description(data: bytes) -> dict[str, dict]:
     """``image_description.csv`` bytes -> image name -> record fields (None values left out)."""
-    rows = csv.DictReader(io.StringIO(data.decode("latin-1")), delimiter=";")
+    bom = data.startswith(b"\xef\xbb\xbf")  # a copy re-saved by a spreadsheet as UTF-8
+    text = data[3:].decode("utf-8", "replace") if bom else data.decode("latin-1")
+    rows = csv.DictReader(io.StringIO(text), delimiter=";")
     if "Image_Name" not in (rows.fieldnames or []):
         raise ConversionError(f"image_description.csv: no Image_Name column; found {rows.fieldnames}")
     table: dict[str, dict] = {}
