@@ -69,9 +69,12 @@ def check_segmentation(segmentation, height: int, width: int, margin: float = 1.
     if isinstance(segmentation, list):
         for poly in segmentation:
             try:
-                coords = np.asarray(poly, dtype=np.float64)
-            except (TypeError, ValueError) as exc:
+                coords = np.asarray(poly)
+            except (TypeError, ValueError) as exc:  # ragged nesting
                 raise MaskFormatError(f"polygon holds a non-number ({exc})") from exc
+            if coords.dtype.kind not in "iuf":  # strings, None, booleans, nested lists
+                raise MaskFormatError(f"polygon holds a non-number ({str(poly)[:60]})")
+            coords = coords.astype(np.float64)
             if coords.ndim != 1 or len(coords) < 6 or len(coords) % 2:
                 raise MaskFormatError(f"polygon with {coords.size} coordinates; need an even number >= 6")
             if not np.isfinite(coords).all():
