@@ -149,3 +149,49 @@ def test_drop_an_image_read_the_count_download_the_csv(server, browser, nucleus_
     assert csv.name == "nuclei.csv"
     table = pd.read_csv(csv)
     assert len(table) == shown and list(table["label"]) == list(range(1, shown + 1))
+
+
+def disks_png_bytes(rows: int, cols: int) -> bytes:
+    """PNG of a 256×256 field with rows × cols separated nuclei of the model's training size."""
+    import io
+
+    yy, xx = np.mgrid[:256, :256]
+    image = np.full((256, 256), 20, np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            image[(yy - 40 - 60 * r) ** 2 + (xx - 50 - 78 * c) ** 2 < 81] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_several_images_dropped_at_once(server, browser):
+    """A drop event carrying two images and a text file: a result per image with its known count,
+    and the text file's card says why it failed."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    driver, _ = browser
+    driver.get(server)
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#model option"), 30, "the model list")
+    files = [("twelve.png", disks_png_bytes(4, 3), "image/png"), ("six.png", disks_png_bytes(2, 3), "image/png"),
+             ("notes.txt", b"not an image", "text/plain")]
+    driver.execute_script(
+        """const transfer = new DataTransfer();
+        for (const [name, b64, type] of arguments[0]) {
+          const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+          transfer.items.add(new File([bytes], name, { type }));
+        }
+        const zone = document.getElementById("drop");
+        zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));""",
+        [[name, base64.b64encode(data).decode(), kind] for name, data, kind in files])
+    cards = wait_for(lambda: (c := driver.find_elements(By.CSS_SELECTOR, ".result[data-state]")) and len(c) == 3 and c,
+                     180, "three results")
+    by_name = {c.find_element(By.CSS_SELECTOR, ".name").text: c for c in cards}
+    assert by_name["twelve.png"].find_element(By.CSS_SELECTOR, ".count").text == "12"
+    assert by_name["six.png"].find_element(By.CSS_SELECTOR, ".count").text == "6"
+    failed = by_name["notes.txt"]
+    assert failed.get_attribute("data-state") == "error"
+    assert "not an image" in failed.find_element(By.CSS_SELECTOR, ".status").text
