@@ -41,17 +41,22 @@ def user_errors(command: str):
 
 
 def one_console_for_lightning() -> None:
-    """Hydra's job logging already sends every record to the console and the run's log file;
-    Lightning's own console handler (``INFO: ...``) would print each of its lines a second time."""
+    """Lightning's messages through Hydra's job logging only (console and the run's log file),
+    once each. Lightning adds console handlers of its own on import (``lightning``: ``INFO: ...``;
+    ``lightning.pytorch`` / ``lightning.fabric`` when imported before Hydra set up logging, as under
+    ``python -m cellrcnn.train``), which printed every line twice or kept it out of the log file."""
     import logging
 
-    import lightning  # noqa: F401  (adds the handler on import)
+    import lightning  # noqa: F401  (adds the handlers on import)
 
-    if logging.getLogger().handlers:
-        logger = logging.getLogger("lightning")
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
+        logger.propagate = True
 
 
 @hydra.main(config_name="train", **_HYDRA)

@@ -144,3 +144,22 @@ def test_pick_images_spreads_and_caps():
     assert pick_images(10, None) == list(range(10))
     assert pick_images(10, 3) == [0, 4, 9]
     assert pick_images(3, 48) == [0, 1, 2]
+
+
+def test_calibration_stops_at_its_deadline_after_the_minimum():
+    import time
+
+    from cellrcnn.evaluation.calibrate import MIN_IMAGES
+
+    module = FixedDetections(net=TINY, score_threshold=0.3)
+    seen = []
+
+    def samples():
+        for _ in range(MIN_IMAGES + 3):
+            seen.append(1)
+            yield squares()
+
+    _, report = calibrate(module, samples(), deadline=time.monotonic() - 1.0)  # already spent
+    assert report["n_images"] == MIN_IMAGES and len(seen) == MIN_IMAGES + 1  # one read, then stopped
+    _, report = calibrate(module, samples(), deadline=time.monotonic() + 3600)
+    assert report["n_images"] == MIN_IMAGES + 3

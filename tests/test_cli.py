@@ -3,6 +3,8 @@ a hint and a non-zero exit status, before any output is written or a model is lo
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,32 @@ def test_unknown_command_and_version(tmp_path):
     assert proc.returncode == 2 and "unknown command" in proc.stderr and "predict" in proc.stderr
     proc = cellrcnn("--version", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("cellrcnn ")
+
+
+TINY = ["data.synthetic.n_train=4", "data.synthetic.n_val=4", "data.synthetic.n_test=2", "data.synthetic.size=96",
+        "data.crop_size=96", "data.batch_size=2", "model.net.fpn_channels=32", "model.net.returned_layers=[1,2,3]",
+        "model.coco_metrics=false", "logger=none", "threads=1"]
+
+
+@pytest.mark.slow
+def test_console_script_trains_under_ddp_within_its_budget(tmp_path):
+    """`cellrcnn train` (the console script) under two DDP processes: the ranks start, Lightning's
+    lines are printed once per process and reach the run's log, calibration runs once, inside
+    trainer.max_time."""
+    script = Path(sys.executable).parent / "cellrcnn"
+    if not script.is_file():
+        pytest.skip("the cellrcnn console script is not installed in this environment")
+    budget = 50
+    proc = subprocess.run([str(script), "train", "trainer=ddp", f"trainer.max_time=00:00:00:{budget}",
+                           "trainer.max_epochs=-1", "calibrate_share=0.3", f"data.root={tmp_path / 'data'}", *TINY,
+                           "hydra.run.dir=run"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("Seed set to 0") == 2  # rank 0, and "[rank: 1] Seed set to 0"
+    assert out.count("GPU available") == 1 and "INFO: " not in out
+    assert "GPU available" in (tmp_path / "run" / "train.log").read_text()
+    assert out.count("calibrated on") == 1
+    report = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert 1 <= report["n_images"] <= 4
+    wall = float(re.search(r"wall time (\d+) s since start of run", out).group(1))
+    assert wall <= budget + 30  # training 70 % of the budget, calibration the rest, then the 2 test images
