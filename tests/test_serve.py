@@ -170,6 +170,10 @@ def test_client_file_names_never_become_paths(app, tmp_path):
     assert response.headers["content-disposition"] == 'attachment; filename="evil_name.csv"'
     assert list(app.state.temp_root.iterdir()) == []
     assert safe_name("..\\..\\a b.TIF") == "a_b.TIF" and safe_name("../") == "the upload"
+    body = b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + disks_png(1) + b"\r\n--B--\r\n"
+    unnamed = request(app, ("POST", "/segment", {"content": body, "headers": {
+        "content-type": "multipart/form-data; boundary=B"}}))[0]  # curl -F file=<image.png sends no name
+    assert unnamed.status_code == 200 and unnamed.json()["image"] == "image.png"
 
 
 def test_concurrent_requests_answer_as_sequential_ones(app):

@@ -129,17 +129,19 @@ async def read_multipart(content_type: str, content_length: str | None, chunks: 
             raise UploadError(422, f"malformed multipart body ({exc})") from exc
     parser.finalize()
 
+    names: set[str] = set()
     for part in parts:
         _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        names.add(name)
         data = b"".join(part["chunks"])
-        if name == "file" and b"filename" in disposition:
-            upload.data, upload.filename = data, disposition[b"filename"].decode("utf-8", "replace")
+        if name == "file":  # with or without a file name (curl -F file=<image.png sends none)
+            upload.data, upload.filename = data, disposition.get(b"filename", b"").decode("utf-8", "replace")
         elif name:
             if len(data) > MAX_FIELD_BYTES:
                 raise UploadError(422, f"form field {name!r} is longer than {MAX_FIELD_BYTES} bytes")
             upload.fields[name] = data.decode("utf-8", "replace").strip()
-    if not upload.filename and not upload.data:
+    if "file" not in names:
         raise UploadError(422, "no 'file' field in the form; send the image as -F file=@image.png")
     if not upload.data:
         raise UploadError(422, f"{upload.filename or 'the upload'}: empty file")
