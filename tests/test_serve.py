@@ -335,3 +335,18 @@ def test_load_benchmark_smoke(tmp_path):
     assert [(r["clients"], r["ok"], r["errors"]) for r in runs] == [(1, 3, 0), (2, 3, 0)]
     assert all(r["p95_s"] >= r["p50_s"] > 0 and r["peak_rss_mb"] > 100 for r in runs)
     assert "| 2 | 3 |" in (tmp_path / "load.md").read_text()
+
+
+def test_registry_takes_a_checkpoint_path_or_a_shipped_name(tmp_path):
+    from cellrcnn.serve.jobs import ModelRegistry
+
+    ckpt = tmp_path / "my_model.ckpt"
+    shutil.copy(WEIGHTS_DIR / "nuclei.ckpt", ckpt)
+    registry = ModelRegistry(str(ckpt))
+    assert registry.default == "my_model.ckpt" and registry.names[:2] == ["my_model.ckpt", "nuclei"]
+    assert [c["card"] for c in registry.cards()][0] == {}  # no card beside the checkpoint
+    assert ModelRegistry("nuclei").default == "nuclei"
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        ModelRegistry(str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="unknown model 'nucleus'; available: nuclei"):
+        ModelRegistry("nucleus")
