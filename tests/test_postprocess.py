@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from cellrcnn.data.masks import masks_to_label_image, object_slices
 from cellrcnn.models.postprocess import (
     drop_low_scores,
-    instances_to_label_image,
     labels_to_instances,
     median_diameter,
     targets_to_unet_maps,
@@ -189,24 +189,28 @@ def test_label_image_round_trip():
     for k, (y, x) in enumerate(rng.integers(0, 45, size=(15, 2)), start=1):
         labels[y : y + 5, x : x + 5] = k * 10  # non-consecutive ids, some overlap and hide others
     ids = np.unique(labels)[1:]
-    out = instances_to_label_image(labels_to_instances(labels))
-    assert out.dtype == np.uint16 and out.max() == len(ids)
+    instances = labels_to_instances(labels)
+    out = masks_to_label_image(instances["masks"].numpy(), instances["scores"].numpy())
     # same partition, objects renumbered 1..K in the order of their old ids
     np.testing.assert_array_equal(out, np.where(labels > 0, np.searchsorted(ids, labels) + 1, 0))
 
 
-def test_higher_score_wins_overlap_and_float_masks():
-    masks = np.zeros((3, 1, 10, 10), np.float32)
-    masks[0, 0, 0:6, 0:6] = 0.9
-    masks[1, 0, 3:9, 3:9] = 0.8
-    masks[2, 0, 0:2, 8:10] = 0.4  # below the mask threshold: empty, so absent
-    out = instances_to_label_image(
-        {"masks": torch.from_numpy(masks), "scores": torch.tensor([0.2, 0.9, 0.5])}
-    )
-    assert out[4, 4] == 2 and out[0, 0] == 1 and out[0, 9] == 0 and out.max() == 2
-    out = instances_to_label_image({"masks": masks, "scores": np.array([0.95, 0.9, 0.5])})
-    assert out[4, 4] == 1
-    dropped = instances_to_label_image(
-        {"masks": masks, "scores": np.array([0.2, 0.9, 0.5])}, score_threshold=0.5
-    )
-    assert dropped.max() == 1 and dropped[0, 0] == 0 and dropped[4, 4] == 1
+def test_higher_score_wins_overlap():
+    masks = np.zeros((2, 10, 10), np.uint8)
+    masks[0, 0:6, 0:6] = 1
+    masks[1, 3:9, 3:9] = 1
+    out = masks_to_label_image(masks, np.array([0.2, 0.9]))
+    assert out[4, 4] == 2 and out[0, 0] == 1 and out.max() == 2
+    assert masks_to_label_image(masks, np.array([0.95, 0.9]))[4, 4] == 1
+
+
+def test_object_slices_compact_sparse_ids():
+    labels = np.zeros((6, 8), np.uint32)
+    labels[1:3, 1:4] = 70_000  # beyond uint16
+    labels[4, 6] = 5
+    labels[0, 7] = labels[5, 0] = 9  # one object in two pieces
+    ids, compact, slices = object_slices(labels)
+    assert ids.tolist() == [5, 9, 70_000]
+    assert compact[4, 6] == 1 and compact[0, 7] == compact[5, 0] == 2 and compact[1, 1] == 3
+    assert slices == [(slice(4, 5), slice(6, 7)), (slice(0, 6), slice(0, 8)), (slice(1, 3), slice(1, 4))]
+    assert object_slices(np.zeros((3, 3), np.int64))[0].size == 0

@@ -171,25 +171,33 @@ def encode_rle_string(mask: np.ndarray, order: str = "F") -> str:
     return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts, ends, strict=True))
 
 
+def object_slices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """The objects of an H×W label image, from one pass over it: ``(ids, compact, slices)``.
+
+    ``ids``: the sorted non-zero values (N; they need not be consecutive, and a disconnected
+    value stays one object); ``compact``: int64 H×W with them renumbered 1..N in that order (0
+    stays background); ``slices[i]``: the bounding (row, column) slices of object ``i + 1``.
+    Working inside each object's box keeps callers linear in the image size for thousands of
+    objects.
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    compact = (np.searchsorted(ids, labels) + 1) * (labels != 0)
+    return ids, compact, (ndimage.find_objects(compact, max_label=ids.size) if ids.size else [])
+
+
 def label_image_to_masks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Label image -> (N×H×W uint8 masks, N label values), ordered by label value.
 
     Labels need not be consecutive; a disconnected label stays one instance.
     """
-    labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
-    if ids.size == 0:
-        return np.zeros((0, *labels.shape), np.uint8), ids
-    # one pass over bounding slices keeps this linear in the image size for thousands of objects
-    from scipy import ndimage
-
-    masks = np.zeros((ids.size, *labels.shape), np.uint8)
-    relabeled = np.searchsorted(ids, labels) + 1
-    relabeled[labels == 0] = 0
-    for i, sl in enumerate(ndimage.find_objects(relabeled)):
-        if sl is not None:
-            masks[i][sl] = relabeled[sl] == i + 1
+    ids, compact, slices = object_slices(labels)
+    masks = np.zeros((ids.size, *compact.shape), np.uint8)
+    for i, sl in enumerate(slices):
+        masks[i][sl] = compact[sl] == i + 1
     return masks, ids
 
 

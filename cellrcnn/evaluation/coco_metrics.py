@@ -35,6 +35,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..data.masks import object_slices
+
 DEFAULT_MAX_DETS: tuple[int, ...] = (1, 100, 3000)
 #: name -> [min, max] object area in pixels²
 CELL_AREA_RANGES: dict[str, tuple[float, float]] = {
@@ -76,19 +78,11 @@ def masks_to_rles(masks: np.ndarray, chunk: int = 64) -> list[dict]:
 
 def label_image_to_rles(labels: np.ndarray, chunk: int = 64) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Label image -> (RLE per object, label ids N, boxes N×4 xywh); never holds N full masks at once."""
-    from scipy import ndimage
-
-    labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
+    ids, compact, slices = object_slices(labels)
     rles: list[dict] = []
     boxes = np.zeros((ids.size, 4))
-    if ids.size == 0:
-        return rles, ids, boxes
-    compact = (np.searchsorted(ids, labels) + 1) * (labels != 0)
-    slices = ndimage.find_objects(compact)
     for s in range(0, ids.size, chunk):
-        block = np.zeros((labels.shape[0], labels.shape[1], min(chunk, ids.size - s)), np.uint8, order="F")
+        block = np.zeros((compact.shape[0], compact.shape[1], min(chunk, ids.size - s)), np.uint8, order="F")
         for j in range(block.shape[2]):
             sl = slices[s + j]
             block[sl[0], sl[1], j] = compact[sl] == s + j + 1

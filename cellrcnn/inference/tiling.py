@@ -45,10 +45,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 from cellrcnn.io import NORMALISED_LIMIT
+from cellrcnn.models.postprocess import labels_to_instances
 
 PredictFn = Callable[[list[torch.Tensor]], list[dict]]
 
@@ -361,23 +361,8 @@ def predict_fn_from_label_fn(label_fn: Callable[[np.ndarray], np.ndarray], score
         out = []
         for image in images:
             labels = np.asarray(label_fn(image.numpy()))
-            ids = np.unique(labels)
-            ids = ids[ids != 0]
-            lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int64)
-            lut[ids] = np.arange(1, len(ids) + 1)
-            dense = lut[labels]
-            masks = np.zeros((len(ids), *labels.shape), np.uint8)
-            boxes = np.zeros((len(ids), 4), np.float32)
-            for i, sl in enumerate(ndimage.find_objects(dense)):
-                if sl is not None:
-                    masks[i][sl] = dense[sl] == i + 1
-                    boxes[i] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
-            out.append({
-                "masks": torch.from_numpy(masks),
-                "boxes": torch.from_numpy(boxes),
-                "scores": torch.full((len(ids),), score, dtype=torch.float32),
-                "labels": torch.ones(len(ids), dtype=torch.int64),
-            })
+            n = len(np.unique(labels[labels != 0]))
+            out.append(labels_to_instances(labels, np.full(n, score, np.float32)))
         return out
 
     return predict_fn

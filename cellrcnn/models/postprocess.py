@@ -12,7 +12,7 @@ default because they are relative: a distance head that is not yet calibrated (i
 well below 1, as after a short training run) still yields one seed per nucleus, where a fixed
 threshold near its ceiling shatters nuclei into fragments.
 
-:func:`instances_to_label_image` is model-agnostic: Mask R-CNN predictions go through it too.
+Instances back to a label image: :func:`cellrcnn.data.masks.masks_to_label_image` (any model).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cellrcnn.io import label_dtype
+from cellrcnn.data.masks import object_slices
 
 _FOOTPRINT = np.ones((3, 3), bool)  # 8-neighbourhood
 
@@ -234,17 +234,15 @@ def labels_to_instances(labels, scores=None) -> dict[str, torch.Tensor]:
     labels = _numpy(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
+    ids, compact, slices = object_slices(labels)
     n = ids.size
     scores = np.ones(n, np.float32) if scores is None else _numpy(scores).astype(np.float32).reshape(-1)
     if scores.size != n:
         raise ValueError(f"{scores.size} scores for {n} objects in the label image")
-    relabeled = (np.searchsorted(ids, labels) + 1) * (labels != 0)
     masks = np.zeros((n, *labels.shape), np.uint8)
     boxes = np.zeros((n, 4), np.float32)
-    for i, sl in enumerate(ndimage.find_objects(relabeled, max_label=n)):
-        masks[i][sl] = relabeled[sl] == i + 1
+    for i, sl in enumerate(slices):
+        masks[i][sl] = compact[sl] == i + 1
         boxes[i] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
     return {
         "masks": torch.from_numpy(masks),
@@ -252,41 +250,3 @@ def labels_to_instances(labels, scores=None) -> dict[str, torch.Tensor]:
         "scores": torch.from_numpy(scores),
         "labels": torch.ones(n, dtype=torch.int64),
     }
-
-
-def instances_to_label_image(
-    instances: dict, mask_threshold: float = 0.5, score_threshold: float = 0.0
-) -> np.ndarray:
-    """Instance dict (any model) -> label image; where masks overlap the higher score wins.
-
-    Args:
-        instances: ``masks`` N×H×W (or N×1×H×W) binary or float probabilities, optional
-            ``scores`` N (numpy or torch).
-        mask_threshold: float masks are foreground above this.
-        score_threshold: instances scoring below this are dropped.
-
-    Returns:
-        uint16 (uint32 above 65,535 objects) H×W, objects 1..K numbered in input order; an
-        instance hidden completely by higher-scoring ones is absent.
-    """
-    masks = _numpy(instances["masks"])
-    if masks.ndim == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be N×H×W or N×1×H×W, got shape {masks.shape}")
-    threshold = mask_threshold if masks.dtype.kind == "f" else 0
-    n = len(masks)
-    scores = instances.get("scores")
-    scores = np.ones(n, np.float32) if scores is None else _numpy(scores).reshape(-1)
-    labels = np.zeros(masks.shape[1:], np.int64)
-    slices = _mask_slices(masks, threshold) if n else []
-    for i in np.argsort(scores, kind="stable"):  # paint low to high: the best ends on top
-        if scores[i] >= score_threshold and slices[i] is not None:
-            sl = slices[i]
-            labels[sl][masks[i][sl] > threshold] = i + 1
-    present = np.zeros(n + 1, bool)
-    present[np.unique(labels)] = True
-    present[0] = False
-    new_ids = np.zeros(n + 1, np.int64)
-    new_ids[present] = np.arange(1, present.sum() + 1)
-    return new_ids[labels].astype(label_dtype(int(present.sum())))
