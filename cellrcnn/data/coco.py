@@ -86,7 +86,9 @@ def load_coco_json(path: str | Path) -> dict:
         bbox = ann.get("bbox")
         if bbox and not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
             raise CocoFormatError(f"{path}: annotation {ann.get('id', n)} bbox {_short(bbox)} is not 4 finite numbers")
-    for n, cat in enumerate(data.get("categories") or []):
+    if not isinstance(data.get("categories", []), list):
+        raise CocoFormatError(f"{path}: 'categories' must be a list")
+    for n, cat in enumerate(data.get("categories", [])):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")):
             raise CocoFormatError(f"{path}: categories[{n}] needs an integer id (got {_short(cat)})")
     return data

@@ -209,13 +209,14 @@ def _check_one_run(root: Path, docs: dict[str, dict], check_images: bool) -> lis
     runs, or images no split lists)."""
     standard = {s: d for s, d in docs.items() if s in STANDARD and isinstance(d.get("info"), dict)}
     problems = []
-    runs = {s: d["info"].get("run") for s, d in standard.items()}
+    runs = {s: str(d["info"]["run"]) if d["info"].get("run") else None for s, d in standard.items()}
     if any(runs.values()) and len(set(runs.values())) > 1:
         problems.append("annotations: train/val/test come from different conversion runs ("
                         + ", ".join(f"{s}: {r}" for s, r in runs.items()) + "); convert again")
     if len(standard) < len(STANDARD) and any(runs.values()):
         problems.append(f"annotations: missing {sorted(set(STANDARD) - set(standard))} of one conversion run")
-    listed = {img["file_name"] for d in standard.values() for img in d.get("images") or []
+    listed = {img["file_name"] for d in standard.values()
+              for img in (d.get("images") if isinstance(d.get("images"), list) else [])
               if isinstance(img, dict) and isinstance(img.get("file_name"), str)}
     if check_images and standard and (root / "images").is_dir():
         on_disk = {p.relative_to(root / "images").as_posix() for p in (root / "images").rglob("*")
