@@ -130,7 +130,7 @@ class Segmenter:
 
     def __init__(self, module, name: str = "", checkpoint: str | Path | None = None, tile_size: int = 1024,
                  tile_overlap: int = 128, score_threshold: float | None = None):
-        from cellrcnn.evaluate import set_score_threshold
+        from cellrcnn.modules.base import set_score_threshold
 
         self.module = module
         self.name = name

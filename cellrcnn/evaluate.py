@@ -29,15 +29,6 @@ def input_settings(model: torch.nn.Module) -> dict[str, Any]:
     return dict(model.input_settings)
 
 
-def set_score_threshold(model: torch.nn.Module, threshold: float | None) -> None:
-    """Override a module's detection score threshold (modules without one are left as they are)."""
-    if threshold is None:
-        return
-    if not hasattr(model, "score_threshold"):
-        raise ValueError(f"{type(model).__name__} has no score threshold to override")
-    model.score_threshold = float(threshold)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on split ``cfg.split`` of ``cfg.data``; returns the metrics."""
     from hydra.core.hydra_config import HydraConfig
@@ -50,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .inference import predict_image
     from .inference.scale import check_diameter, predict_at_diameter
     from .models.postprocess import labels_to_instances
-    from .modules.base import load_module
+    from .modules.base import load_module, set_score_threshold
     from .viz import overlay_tp_fp_fn, save_png
 
     start = time.perf_counter()

@@ -282,6 +282,16 @@ class InstanceSegModule(L.LightningModule):
         self.training_images = list(checkpoint.get(TRAINING_IMAGES_KEY, []))
 
 
+def set_score_threshold(model: torch.nn.Module, threshold: float | None) -> None:
+    """Override a module's detection score threshold (None leaves it as it is); a module without
+    one (the U-Net decides by its foreground threshold) raises a ValueError."""
+    if threshold is None:
+        return
+    if not hasattr(model, "score_threshold"):
+        raise ValueError(f"{type(model).__name__} has no score threshold to override")
+    model.score_threshold = float(threshold)
+
+
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> InstanceSegModule:
     """Rebuild a trained module from its checkpoint alone (class and hyper-parameters are stored in it)."""
     ckpt_path = Path(ckpt_path)
