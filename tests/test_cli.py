@@ -127,3 +127,17 @@ def test_console_script_trains_under_ddp_within_its_budget(tmp_path):
     assert 1 <= report["n_images"] <= 4
     wall = float(re.search(r"wall time (\d+) s since start of run", out).group(1))
     assert wall <= budget + 30  # training 70 % of the budget, calibration the rest, then the 2 test images
+
+
+def test_empty_validation_split_is_said_out_loud(tmp_path, capsys):
+    from hydra.utils import instantiate
+
+    from cellrcnn.config import compose_config
+    from cellrcnn.preflight import check_training
+
+    cfg = compose_config("train", [f"data.root={tmp_path / 'data'}", "data.synthetic.n_train=2", "data.synthetic.n_val=0",
+                                   "data.synthetic.n_test=1", "data.synthetic.size=64", "logger=none"], tmp_path)
+    check_training(cfg, instantiate(cfg.data))
+    out = capsys.readouterr().out
+    assert "the val split" in out and "holds no images" in out and "no threshold calibration" in out
+    assert "--splits" in out and "the test split" not in out
