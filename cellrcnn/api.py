@@ -171,18 +171,26 @@ class Segmenter:
                              progress=progress, **self.settings)
 
     @staticmethod
-    def read(image: np.ndarray | str | Path, channel: int | None = None) -> np.ndarray:
-        """The raw H×W or H×W×3 pixels :meth:`segment` works on, from a file or an array."""
+    def read(image: np.ndarray | str | Path, channel: int | None = None, plane: int | None = None) -> np.ndarray:
+        """The raw H×W or H×W×3 pixels :meth:`segment` works on, from a file or an array.
+
+        ``plane``: the z-plane (page) of a multi-page TIFF, or the index along the first axis of
+        a stacked array (Z×H×W or Z×H×W×C)."""
         from cellrcnn.io import read_image
 
         if isinstance(image, str | Path):
             # the reader picks the channel itself: it knows a file's colour from its non-colour channels
-            return as_image(read_image(image, channel=channel))
+            return as_image(read_image(image, channel=channel, plane=plane))
+        if plane is not None:
+            image = np.asarray(image)
+            if image.ndim < 3 or not -image.shape[0] <= int(plane) < image.shape[0]:
+                raise ValueError(f"plane={plane} needs a stack with that many planes, got shape {image.shape}")
+            image = image[int(plane)]
         return as_image(image, channel)
 
     def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = None,
                 channel: int | None = None, pixel_size: float | None = None, name: str | None = None,
-                progress: bool = False) -> Result:
+                progress: bool = False, plane: int | None = None) -> Result:
         """Segment one image.
 
         Args:
@@ -193,13 +201,14 @@ class Segmenter:
             pixel_size: µm per pixel: the ``table`` in µm and µm².
             name: the ``image`` column of the table (default: the file name).
             progress: a progress bar over tiles for large images.
+            plane: the z-plane of a multi-page TIFF (or of a stacked array) to segment.
         """
         from cellrcnn.inference.scale import check_diameter, predict_at_diameter
         from cellrcnn.io import label_dtype
 
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
-        raw = self.read(image, channel)
+        raw = self.read(image, channel, plane)
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
         labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
                                                    self.object_diameter)

@@ -250,7 +250,7 @@ def test_a_stalled_upload_gives_its_place_back(app):
     assert app.state.pool.admitted == 0
 
 
-def test_tiff_jpeg_and_channel_uploads(app):
+def test_tiff_jpeg_channel_and_plane_uploads(app):
     yy, xx = np.mgrid[:128, :128]
     disks = ((yy - 40) ** 2 + (xx - 40) ** 2 < 81) | ((yy - 90) ** 2 + (xx - 80) ** 2 < 81)
     tiff = io.BytesIO()
@@ -266,6 +266,13 @@ def test_tiff_jpeg_and_channel_uploads(app):
     assert post(app, rgb.getvalue(), filename="rgb.png", channel="1").json()["n_objects"] == 2
     bad = post(app, rgb.getvalue(), filename="rgb.png", channel="7")
     assert bad.status_code == 422 and "channel" in bad.json()["detail"]
+    stack = io.BytesIO()  # a z-stack of three pages, nuclei in focus in the last one only
+    tifffile.imwrite(stack, np.stack([np.full((128, 128), 400, np.uint16)] * 2
+                                     + [np.where(disks, 3000, 400).astype(np.uint16)]), photometric="minisblack")
+    assert post(app, stack.getvalue(), filename="stack.tif", plane="2").json()["n_objects"] == 2
+    unspecified = post(app, stack.getvalue(), filename="stack.tif")
+    assert unspecified.status_code == 422 and "plane" in unspecified.json()["detail"]
+    assert "plane must be an index" in post(app, stack.getvalue(), plane="top").json()["detail"]
 
 
 def test_pool_admits_at_most_workers_plus_queue():

@@ -70,6 +70,13 @@ def _parse_number(fields: dict[str, str], name: str, allow_auto: bool = False) -
     return number
 
 
+def _parse_index(fields: dict[str, str], name: str) -> int | None:
+    value = fields.get(name, "").strip()
+    if value and not value.isdigit():
+        raise UploadError(422, f"{name} must be an index (0, 1, ...), got {value!r}")
+    return int(value) if value else None
+
+
 SEGMENT_FORM = {
     "requestBody": {
         "required": True,
@@ -83,6 +90,7 @@ SEGMENT_FORM = {
                                                               "(resizes the image to the model's object size)"},
                 "pixel_size": {"type": "number", "description": "µm per pixel: measurements in µm and µm²"},
                 "channel": {"type": "integer", "description": "segment this channel of a multi-channel image"},
+                "plane": {"type": "integer", "description": "segment this z-plane (page) of a multi-page TIFF"},
                 "include_overlay": {"type": "boolean", "description": "JSON answer only: add the overlay PNG "
                                                                      "as overlay_png_base64"},
             },
@@ -142,23 +150,25 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
     def models() -> dict:
         return {"default": registry.default, "models": registry.cards()}
 
-    def segment_or_reuse(data: bytes, path: Path, model_name: str, diameter, channel, pixel_size, name: str):
+    def segment_or_reuse(data: bytes, path: Path, model_name: str, diameter, channel, plane, pixel_size, name: str):
         """The Segmenter's result for the file at ``path``, its labels reused from the cache when
         these very bytes were segmented with the same settings."""
         from cellrcnn.api import Result
 
         segmenter, cache = registry.get(model_name), app.state.cache
-        key = (hashlib.sha256(data).hexdigest(), model_name, str(diameter), channel)
+        key = (hashlib.sha256(data).hexdigest(), model_name, str(diameter), channel, plane)
         hit = cache.get(key)
         if hit is not None:
             labels, scores, info = hit
-            return Result(labels, scores, segmenter.read(path, channel), name=name, pixel_size=pixel_size, info=info)
-        result = segmenter.segment(path, diameter=diameter, channel=channel, pixel_size=pixel_size, name=name)
+            return Result(labels, scores, segmenter.read(path, channel, plane), name=name, pixel_size=pixel_size,
+                          info=info)
+        result = segmenter.segment(path, diameter=diameter, channel=channel, plane=plane, pixel_size=pixel_size,
+                                   name=name)
         cache.put(key, result.labels, result.scores, result.info)
         return result
 
     def segment_job(upload: Upload, suffix: str, model_name: str, fmt: str | None, diameter, pixel_size,
-                    channel: int | None, include_overlay: bool):
+                    channel: int | None, plane: int | None, include_overlay: bool):
         """Runs in a worker thread: decode, segment, answer; the temporary folder dies with it."""
         from cellrcnn.io import ImageReadError
 
@@ -172,7 +182,8 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
                 raise UploadError(422, f"{client_name}: {shape[1]}×{shape[0]} pixels exceeds the limit of "
                                        f"{settings.max_megapixels:g} megapixels")
             try:
-                result = segment_or_reuse(upload.data, path, model_name, diameter, channel, pixel_size, client_name)
+                result = segment_or_reuse(upload.data, path, model_name, diameter, channel, plane, pixel_size,
+                                          client_name)
             except ImageReadError as exc:  # the message names our temporary file: name the client's
                 raise UploadError(422, str(exc).replace(str(path), client_name)) from exc
             except ValueError as exc:  # a diameter the model cannot use, a channel out of range, ...
@@ -211,16 +222,14 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
                 raise UploadError(422, f"unknown model {model_name!r}; available: {', '.join(registry.names)}")
             diameter = _parse_number(fields, "diameter", allow_auto=True)
             pixel_size = _parse_number(fields, "pixel_size")
-            channel = fields.get("channel", "").strip()
-            if channel and not channel.isdigit():
-                raise UploadError(422, f"channel must be a channel index (0, 1, ...), got {channel!r}")
+            channel, plane = (_parse_index(fields, key) for key in ("channel", "plane"))
             include_overlay = fields.get("include_overlay", "").lower() in ("1", "true", "yes")
             suffix = sniff_suffix(upload.data[:16])
             if suffix is None:
                 raise UploadError(415, f"{safe_name(upload.filename)}: not an image (PNG, TIFF, JPEG or BMP expected)")
             try:
                 answer = await pool.execute(segment_job, upload, suffix, model_name, format, diameter, pixel_size,
-                                            int(channel) if channel else None, include_overlay)
+                                            channel, plane, include_overlay)
             except UploadError:
                 raise
             except Exception:  # one image's failure must not take the server down; the log has the trace
