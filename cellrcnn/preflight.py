@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from .config_types import check_types
 from .errors import UsageError
 from .io import IMAGE_SUFFIXES, ImageReadError, read_image
 
@@ -21,6 +22,7 @@ KNOWN_EXPORTS = ("geojson", "imagej")  # besides the label TIFF and overlay writ
 
 def check_predict(cfg: DictConfig) -> None:
     """``cellrcnn predict``: the input holds images, the options fit together, the model exists."""
+    check_types(cfg)
     require_values(cfg, "predict", input="an image file or a folder of images", output="the folder for the results")
     source = Path(str(cfg.input))
     if not source.exists():
@@ -60,6 +62,7 @@ def check_predict(cfg: DictConfig) -> None:
 
 def check_evaluate(cfg: DictConfig) -> None:
     """``cellrcnn evaluate``: the checkpoint exists and the diameter option is valid."""
+    check_types(cfg)
     require_values(cfg, "evaluate", ckpt_path="the trained model (a .ckpt file)")
     if not Path(str(cfg.ckpt_path)).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
@@ -120,6 +123,7 @@ def check_dataset(datamodule, splits: tuple[str, ...], data_choice: str | None =
 def check_training(cfg: DictConfig, datamodule) -> None:
     """``cellrcnn train``: the packages the run needs are installed, the dataset exists (the
     synthetic one is generated here), and an empty validation or test split is said out loud."""
+    check_types(cfg)
     logger_target = str((cfg.get("logger") or {}).get("_target_", ""))
     if logger_target.endswith("TensorBoardLogger") and not (_have("tensorboard") or _have("tensorboardX")):
         raise UsageError("logger=tensorboard needs the tensorboard package",
