@@ -153,14 +153,14 @@ def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
     def segment_or_reuse(data: bytes, path: Path, model_name: str, diameter, channel, plane, pixel_size, name: str):
         """The Segmenter's result for the file at ``path``, its labels reused from the cache when
         these very bytes were segmented with the same settings."""
-        from cellrcnn.api import Result
+        from cellrcnn.api import Result, Segmenter
 
         segmenter, cache = registry.get(model_name), app.state.cache
         key = (hashlib.sha256(data).hexdigest(), model_name, str(diameter), channel, plane)
         hit = cache.get(key)
         if hit is not None:
             labels, scores, info = hit
-            return Result(labels, scores, segmenter.read(path, channel, plane), name=name, pixel_size=pixel_size,
+            return Result(labels, scores, Segmenter.read(path, channel, plane), name=name, pixel_size=pixel_size,
                           info=info)
         result = segmenter.segment(path, diameter=diameter, channel=channel, plane=plane, pixel_size=pixel_size,
                                    name=name)
