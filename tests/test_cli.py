@@ -40,6 +40,13 @@ def test_help_lists_every_option_with_an_example(command, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("command", ["convert", "score", "calibrate"])
+def test_help_of_the_other_commands_has_an_example(command, tmp_path):
+    proc = cellrcnn(command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: cellrcnn {command}" in proc.stdout and f"cellrcnn {command} " in proc.stdout.split("usage:")[1][20:]
+
+
 def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()

@@ -63,9 +63,14 @@ EXTRA_OPTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cellrcnn.data.convert",
+    parser = argparse.ArgumentParser(prog="cellrcnn convert",
                                      description="Convert public cell/nuclei datasets to COCO, and check, merge, "
-                                                 "describe or download them.")
+                                                 "describe or download them.",
+                                     epilog="examples:\n"
+                                            "  cellrcnn convert bbbc038 --src stage1_train.zip --out datasets/coco/bbbc038\n"
+                                            "  cellrcnn convert folder --src my_images/ --out datasets/coco/mine\n"
+                                            "  cellrcnn convert SOURCE --help     (the options of one source)",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the sources, their licences and URLs")
     for name, (module, text) in SOURCES.items():

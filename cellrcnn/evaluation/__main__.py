@@ -102,7 +102,8 @@ def _jsonable(d: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cellrcnn.evaluation", description=__doc__.split("\n\n")[0]
+        prog="cellrcnn score", description=__doc__.split("\n\n")[0],
+        epilog="example: cellrcnn score predictions/ ground_truth/ --json scores.json",
     )
     parser.add_argument("pred_dir", type=Path, help="folder of predicted label images")
     parser.add_argument("gt_dir", type=Path, help="folder of ground-truth label images")
