@@ -100,6 +100,14 @@ function show(card, file, options, data) {
   $(".count", card).textContent = data.n_objects;
   const scale = data.resize_factor !== 1 ? ` · predicted at ${data.resize_factor}× size` : "";
   $(".size", card).textContent = `${data.width} × ${data.height} px${scale}`;
+  const summary = data.summary || {};
+  const stat = (prefix) => Object.keys(summary).find((k) => k.startsWith(prefix));
+  const area = stat("median_area_"), density = stat("density_per_");
+  const unit = (key) => key.replace(/^.*?_(area_|per_)/, "").replace("um2", "µm²").replace("mm2", "mm²");
+  $(".stats", card).textContent = [
+    area && summary[area] !== null ? `median area ${summary[area].toPrecision(3)} ${unit(area)}` : "",
+    density ? `${summary[density].toPrecision(3)} per ${unit(density)}` : "",
+  ].filter(Boolean).join(" · ");
   const warnings = $(".warnings", card);
   for (const text of data.warnings || []) warnings.append(Object.assign(document.createElement("li"), { textContent: text }));
   warnings.hidden = !(data.warnings || []).length;
