@@ -148,3 +148,14 @@ def test_empty_validation_split_is_said_out_loud(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the val split" in out and "holds no images" in out and "no threshold calibration" in out
     assert "--splits" in out and "the test split" not in out
+
+
+def test_users_config_dir_adds_to_the_shipped_configs(tmp_path):
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nname: mine\ntrainer:\n  max_epochs: 3\n")
+    proc = cellrcnn("train", "--config-dir", "my_conf", "experiment=mine", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)
+    assert config["name"] == "mine" and config["trainer"]["max_epochs"] == 3
+    assert config["model"]["_target_"] == "cellrcnn.modules.MaskRCNNModule"  # the shipped defaults still apply
