@@ -297,7 +297,12 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
-    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # an image, a zip, a truncated download: torch raises unpickling errors of many types
+        raise ValueError(f"{ckpt_path}: not a checkpoint file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{ckpt_path}: not a cellrcnn checkpoint (holds a {type(checkpoint).__name__})")
     target = checkpoint.get("cellrcnn_module")
     if target is None:
         raise ValueError(f"{ckpt_path}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")

@@ -183,3 +183,17 @@ def test_validate_names_an_empty_or_broken_json(tmp_path):
     problems = validate(good)
     assert any(p.endswith("val.json: empty file") for p in problems), problems
     assert any("test.json: invalid JSON" in p for p in problems), problems
+
+
+def test_one_bad_height_skips_one_image_not_the_conversion(tmp_path, capsys):
+    from cellrcnn.data.converters import bbbc038
+
+    good, bad = "a" * 64, "b" * 64
+    rows = ["ImageId,EncodedPixels,Height,Width,Usage", f"{good},1 5 20 5,10,10,Private",
+            f"{bad},1 5,ten,10,Private"]
+    (tmp_path / "solution.csv").write_text("\n".join(rows) + "\n")
+    out = bbbc038.convert(tmp_path / "solution.csv", tmp_path / "out", images=False, workers=1)
+    text = capsys.readouterr().out
+    assert "bad Height/Width 'ten'/'10'" in text and f"{bad}: no valid Height/Width" in text
+    assert "2 images, 2 instances read; 1 written" in text
+    assert validate(out, check_images=False) == []

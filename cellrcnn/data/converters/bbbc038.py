@@ -98,7 +98,8 @@ def read_rle_csvs(paths: list[Path], report: Report) -> dict[str, dict]:
                 if row.get("Usage", "").strip() == "Ignored":
                     continue  # stage-2 decoy images carry no ground truth
                 entry = by_image.setdefault(row["ImageId"], {"rles": [], "height": 0, "width": 0,
-                                                             "split": "test" if "Usage" in cols else None})
+                                                             "split": "test" if "Usage" in cols else None,
+                                                             "sized": {"Height", "Width"} <= cols})
                 try:
                     if row.get("Height") and row.get("Width"):
                         entry["height"], entry["width"] = int(row["Height"]), int(row["Width"])
@@ -179,6 +180,11 @@ def convert(src: str | Path | None, out: str | Path, *, labels: list[str | Path]
                     missing.append(ImageResult(key=image_id, n_read=len(entry["rles"]), ok=False))
                     continue
                 ref = tree.files[found[image_id][0]]
+            elif not entry["height"] and entry.get("sized"):  # only this image's sizes are bad: skip it alone
+                report.problem(f"{image_id}", f"no valid Height/Width in its CSV rows; its {len(entry['rles'])} "
+                               "RLE rows skipped")
+                missing.append(ImageResult(key=image_id, n_read=len(entry["rles"]), ok=False))
+                continue
             elif not entry["height"]:
                 raise ConversionError(f"{csvs[0]}: no Height/Width columns; converting without images needs them")
             tasks.append(_Task(image_id, ref, [], entry["rles"], entry["height"], entry["width"],
