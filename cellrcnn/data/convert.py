@@ -53,7 +53,9 @@ EXTRA_OPTIONS = {
     "folder": lambda p: (p.add_argument("--mask-suffix", default="_masks", help="Cellpose label suffix"),
                          p.add_argument("--img-filter", default="", help="Cellpose image suffix, e.g. _img"),
                          p.add_argument("--name", default="folder", help="source name written to info.source"),
-                         p.add_argument("--licence", default="unspecified", help="licence written to info.licence")),
+                         p.add_argument("--licence", default="unspecified", help="licence written to info.licence"),
+                         _flag(p, "--allow-pickle", "read Cellpose _seg.npy files (pickles run code: only files "
+                                                    "you trust)")),
     "monuseg": lambda p: (p.add_argument("--images", type=Path, help="folder or zip holding the images (.tif, or the "
                                          "<id>/images/<id>.png layout) when --src has only the XML annotations"),
                           p.add_argument("--prefer", choices=("xml", "png"), default="xml",

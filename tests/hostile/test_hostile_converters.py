@@ -197,3 +197,22 @@ def test_one_bad_height_skips_one_image_not_the_conversion(tmp_path, capsys):
     assert "bad Height/Width 'ten'/'10'" in text and f"{bad}: no valid Height/Width" in text
     assert "2 images, 2 instances read; 1 written" in text
     assert validate(out, check_images=False) == []
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling creates a file: code ran
+
+
+def test_folder_converter_does_not_unpickle_seg_npy_without_consent(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    tifffile.imwrite(src / "a.tif", np.ones((8, 8), np.uint16))
+    marker = tmp_path / "pwned"
+    np.save(src / "a_seg.npy", np.array({"masks": _Exploit(str(marker))}, dtype=object), allow_pickle=True)
+    assert convert(src, tmp_path / "out") == 1  # the only image was skipped
+    assert "--allow-pickle" in capsys.readouterr().out
+    assert not marker.exists()

@@ -10,7 +10,7 @@ official split, with val carved from train by hash when only train/test exist):
   image's own name is accepted too); files ending ``_masks``, ``_flows``, ``_cellprob``,
   ``_cp_output``, ``_seg`` are not images;
 - Cellpose GUI: ``<name>_seg.npy`` next to ``<name>.<ext>`` (only its ``masks`` is used; the file is
-  a pickle, so convert only files you trust).
+  a pickle, which can run code when loaded, so it is read only with ``--allow-pickle``).
 Each non-zero label value is one instance (values need not be consecutive; a disconnected label
 stays one instance). Images are copied byte for byte. Without an official ``val`` folder, a set
 of 3 or more images always gets at least one validation image (printed when the hash gave none).
@@ -48,12 +48,18 @@ class _Task:
     labels: str
     split: str | None
     out_images: str
+    allow_pickle: bool = False
 
 
-def read_labels(path: str) -> np.ndarray:
-    """Label image file (TIFF/PNG/NPY or Cellpose ``_seg.npy``) -> 2-D int64 H×W."""
+def read_labels(path: str, allow_pickle: bool = False) -> np.ndarray:
+    """Label image file (TIFF/PNG/NPY or Cellpose ``_seg.npy``) -> 2-D int64 H×W.
+
+    A ``_seg.npy`` is a pickle (loading one runs code from the file): read only with ``allow_pickle``."""
     data = Path(path).read_bytes()
     if path.endswith("_seg.npy"):
+        if not allow_pickle:
+            raise ValueError("a Cellpose _seg.npy is a pickle, and loading one runs code from the file; "
+                             "convert with --allow-pickle only if you trust it")
         arr = np.load(io.BytesIO(data), allow_pickle=True).item()["masks"]
     else:
         arr = decode_image(data, path)
@@ -74,7 +80,7 @@ def _convert_image(task: _Task) -> ImageResult:
     if not res.ok:
         return res
     with res.guard(task.labels):
-        labels = read_labels(task.labels)
+        labels = read_labels(task.labels, task.allow_pickle)
         if labels.shape != (res.height, res.width):
             raise ValueError(f"labels are {labels.shape} but the image is {(res.height, res.width)} (H×W)")
         res.n_read = int(np.count_nonzero(np.unique(labels)))
@@ -131,8 +137,9 @@ def find_pairs(folder: Path, mask_suffix: str, img_filter: str, report: Report) 
 
 def convert(src: str | Path, out: str | Path, *, mask_suffix: str = "_masks", img_filter: str = "",
             licence: str = "unspecified", name: str = NAME, splits: str | None = None, strict: bool = False,
-            workers: int | None = None) -> Path:
-    """Convert a folder of images + label images into COCO under ``out`` (``name`` tags the source)."""
+            workers: int | None = None, allow_pickle: bool = False) -> Path:
+    """Convert a folder of images + label images into COCO under ``out`` (``name`` tags the source).
+    ``allow_pickle``: read Cellpose ``_seg.npy`` files (pickles: only files you trust)."""
     report = Report(strict=strict)
     src = Path(src)
     if not src.is_dir():
@@ -142,7 +149,8 @@ def convert(src: str | Path, out: str | Path, *, mask_suffix: str = "_masks", im
     for folder, split in groups:
         for img, lab in find_pairs(folder, mask_suffix, img_filter, report):
             file_name = f"{split}/{img.name}" if split else img.name
-            tasks.append(_Task(file_name, file_name, str(img), str(lab), split, str(Path(out) / "images")))
+            tasks.append(_Task(file_name, file_name, str(img), str(lab), split, str(Path(out) / "images"),
+                               allow_pickle))
     if not tasks:
         raise ConversionError(f"{src}: no image/label pairs found (StarDist images/+masks/, Cellpose *_masks.*, *_seg.npy)")
     results = run_tasks(_convert_image, tasks, report, workers, desc=name)
