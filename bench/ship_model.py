@@ -1,31 +1,34 @@
-"""Package the best DSB2018 benchmark model as the shipped nuclei model.
+"""Package a trained checkpoint as a shipped model (``cellrcnn/weights/<name>.ckpt`` + card).
 
-    python bench/ship_model.py [--results bench/results/dsb2018.json] [--model maskrcnn|unet]
-                               [--dst cellrcnn/weights/nuclei.ckpt] [--max-mb 25] [--benchmark-command "..."]
+    python bench/ship_model.py --checkpoint outputs/nuclei_unet/<run>/checkpoints/calibrated.ckpt \
+        --name nuclei --results bench/results/generalist/generalist.json --run "mix, diameter=auto" \
+        [--licence "CC0 1.0 training data"] [--max-mb 25]
 
-Keeps only what :func:`cellrcnn.modules.base.load_module` needs (the weights, the hyper-parameters
-and the module class; no optimiser state, no callbacks), stores the weights as float16 when
-float32 would exceed ``--max-mb`` (they load back into the float32 model), and writes a model card
-(``nuclei.json`` and ``README.md`` next to the weights) with the command that trained it and its
-held-out metrics.
+Keeps only what :func:`cellrcnn.modules.base.load_module` needs (the weights, the hyper-parameters,
+the module class, the training-image digests; no optimiser state, no callbacks), stores the
+weights as float16 when float32 would exceed ``--max-mb`` (they load back into the float32 model),
+adds the model's *training profile* (image count per modality and nucleus diameters as the
+network saw them: the out-of-distribution warning compares new images with it), and writes the
+model card ``<name>.json``; ``README.md`` next to the weights is regenerated from every card.
+
+The run's data config (``.hydra/config.yaml`` of the run folder) says what it trained on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-
-from cellrcnn.data.sizes import annotation_diameter
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-CARD_METRICS = ("dsb_score", "segm_AP", "segm_AP50", "f1@0.5", "f1@0.7", "precision@0.5", "recall@0.5",
-                "pq@0.5", "dice", "infer_s_per_image")
+WEIGHTS = REPO / "cellrcnn" / "weights"
+PROFILE_KEY = "cellrcnn_training_profile"
+SHOWN = ("dsb_score", "f1@0.5", "precision@0.5", "recall@0.5", "pq@0.5", "segm_AP")
 
 
 class Int8Weight:
@@ -47,25 +50,27 @@ class Int8Weight:
 
 
 def strip_checkpoint(src: Path, dtype: torch.dtype, int8_keys: frozenset[str] = frozenset(),
-                     hparams: dict | None = None) -> dict:
+                     extra: dict | None = None) -> dict:
     """A Lightning checkpoint reduced to ``state_dict`` (floating tensors cast to ``dtype``),
-    ``hyper_parameters`` (updated with ``hparams``) and ``cellrcnn_module``."""
+    ``hyper_parameters``, ``cellrcnn_module``, the training-image digests and ``extra`` entries."""
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     if "cellrcnn_module" not in ckpt:
         raise SystemExit(f"{src}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")
     state = {k: Int8Weight(v) if k in int8_keys else (v.to(dtype) if v.is_floating_point() else v).clone()
              for k, v in ckpt["state_dict"].items()}
-    return {"state_dict": state, "hyper_parameters": {**ckpt.get("hyper_parameters", {}), **(hparams or {})},
+    kept = {k: ckpt[k] for k in ("cellrcnn_training_images",) if k in ckpt}
+    return {"state_dict": state, "hyper_parameters": ckpt.get("hyper_parameters", {}),
             "cellrcnn_module": ckpt["cellrcnn_module"], "global_step": ckpt.get("global_step"),
-            "epoch": ckpt.get("epoch"), "pytorch-lightning_version": ckpt.get("pytorch-lightning_version")}
+            "epoch": ckpt.get("epoch"), "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
+            **kept, **(extra or {})}
 
 
-def save_stripped(src: Path, dst: Path, max_mb: float, hparams: dict | None = None) -> str:
+def save_stripped(src: Path, dst: Path, max_mb: float, extra: dict | None = None) -> str:
     """Write the most faithful copy that fits ``max_mb``: float32, else float16, else float16 with
     the largest conv/linear weights in int8 (per-channel scales). Returns a description."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     for dtype in (torch.float32, torch.float16):
-        torch.save(strip_checkpoint(src, dtype, hparams=hparams), dst)
+        torch.save(strip_checkpoint(src, dtype, extra=extra), dst)
         if dst.stat().st_size <= max_mb * 1e6:
             return str(dtype).removeprefix("torch.")
     state = torch.load(src, map_location="cpu", weights_only=False)["state_dict"]
@@ -78,99 +83,141 @@ def save_stripped(src: Path, dst: Path, max_mb: float, hparams: dict | None = No
             break
         chosen.append(k)
         saved += state[k].numel()
-    torch.save(strip_checkpoint(src, torch.float16, frozenset(chosen), hparams), dst)
+    torch.save(strip_checkpoint(src, torch.float16, frozenset(chosen), extra), dst)
     if dst.stat().st_size > max_mb * 1e6:
         raise SystemExit(f"{dst}: {dst.stat().st_size / 1e6:.1f} MB, above {max_mb} MB")
-    return f"float16, with {len(chosen)} largest weight tensors in int8 (per-output-channel scales): " + ", ".join(chosen)
+    return f"float16, with {len(chosen)} largest weight tensors in int8 (per-output-channel scales)"
+
+
+def run_config(ckpt: Path) -> tuple[dict, list[str], dict]:
+    """The config, command-line overrides and calibration report of the run that wrote ``ckpt``
+    (``<run>/.hydra/config.yaml``, ``overrides.yaml``, ``calibration.json``)."""
+    run = ckpt.resolve().parents[1]
+    path = run / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; ship checkpoints from a train.py run folder")
+    overrides = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+    calibration = run / "calibration.json"
+    report = json.loads(calibration.read_text()) if calibration.is_file() else {}
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False), list(overrides), report
+
+
+def training_data(cfg: dict) -> tuple[list[dict], dict]:
+    """(per source: name, root, weight, image count, licence) and the training profile."""
+    from hydra.utils import instantiate
+
+    from cellrcnn.data.appearance import modality
+    from cellrcnn.data.coco import load_coco_json
+    from cellrcnn.data.sizes import equivalent_diameter
+    from cellrcnn.inference.choice import training_profile
+
+    datamodule = instantiate(cfg["data"])
+    sources, kinds, diameters = [], [], []
+    weights = {s.name: s.weight for s in getattr(datamodule, "sources", [])}
+    for name, dataset, factors in datamodule.eval_sets("train"):
+        info = load_coco_json(dataset.annotation_file).get("info", {})
+        sources.append({"source": name, "images": len(dataset), "weight": weights.get(name, 1.0),
+                        "licence": info.get("licence", "unknown"), "url": info.get("url", "")})
+        for i, record in enumerate(dataset.images):
+            kinds.append(modality(dataset.load_raw(i)))
+            areas = [a["area"] for a in dataset._anns.get(record["id"], []) if a.get("area")]
+            diameters += list(equivalent_diameter(areas) * float(factors[i]))
+    return sources, training_profile(kinds, diameters)
+
+
+def heldout(results: Path | None, run: str | None) -> dict:
+    """Per-source held-out metrics of ``run`` in a ``bench/generalist.py`` results file."""
+    if results is None or run is None:
+        return {}
+    res = json.loads(results.read_text())[run]
+    rows = {r["group"]: r for r in res["by_group"] if r["field"] == "source"}
+    rows["all"] = {**res["pooled"]}
+    return {name: {"n_images": int(r["n_images"]), **{k: round(float(r[k]), 4) for k in SHOWN if k in r}}
+            for name, r in rows.items()}
+
+
+def readme(cards: dict[str, dict]) -> str:
+    """The weights folder's README: one section per shipped model, from its card."""
+    parts = ["# Shipped models", "",
+             "`cellrcnn predict input=DIR output=OUT` chooses one per image (`model=auto`, the default): "
+             "colour-stained images (H&E) go to `nuclei_he` when it is installed, everything else to "
+             "`nuclei`. `model=nuclei` / `model=nuclei_he` force one; `ckpt_path=` uses any checkpoint. "
+             "Python: `Segmenter.from_pretrained(\"nuclei\")`.", ""]
+    for name, card in cards.items():
+        sources = ", ".join(f"{s['source']} ({s['images']} images, weight {s['weight']:g}, {s['licence']})"
+                            for s in card.get("trained_on", []))
+        legs = card.get("training_legs") or []
+        budget = f"{card.get('training_budget_min', '?')} min wall-clock on a 2-core CPU"
+        parts += [f"## `{name}` ({card['file']}, {card['size_MB']} MB, {card['stored_dtype']})", "",
+                  f"- **Licence of the weights**: {card['licence']}",
+                  f"- Model: {card['module']} ({card['parameters'] / 1e6:.1f} M parameters), "
+                  f"{card['input_channels']}-channel input" + ("; images with a bright background (brightfield, "
+                                                              "H&E) are inverted" if card.get("invert_bright") else ""),
+                  f"- Trained from scratch on: {sources}; each source's held-out split was never seen.",
+                  f"- Training: `{card['training_command']}` ({budget}, {card.get('global_step')} optimiser "
+                  "steps" + (f", in {len(legs)} legs" if len(legs) > 1 else "") + ").",
+                  f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} (calibrated on "
+                  "validation images after training).",
+                  f"- Object size: it trained on nuclei of median diameter {card['object_diameter_px']} px "
+                  "(images resized towards one size); `diameter=auto` or `diameter=<px>` resize new images.",
+                  "- Training profile (for the out-of-distribution warning): "
+                  f"{card.get('training_profile', {}).get('modalities')} images by modality, diameters "
+                  f"{card.get('training_profile', {}).get('object_diameter_px')} px.", ""]
+        rows = card.get("heldout_metrics") or {}
+        if rows:
+            parts += [f"Held-out images of each source ({card.get('heldout_run', '')}):", "",
+                      "| source | images | " + " | ".join(SHOWN) + " |", "|" + "---|" * (len(SHOWN) + 2)]
+            for source, r in rows.items():
+                parts.append(f"| {source} | {r['n_images']} | " + " | ".join(
+                    f"{r[k]:.3f}" if k in r and np.isfinite(r[k]) else "n/a" for k in SHOWN) + " |")
+            parts.append("")
+    parts += ["Expect lower scores on modalities none of these sets holds (phase contrast, whole cells); "
+              "`predict.py` flags images that lie outside a model's training data. Train on your own "
+              "annotations with `train.py` for those.", ""]
+    return "\n".join(p for p in parts if p is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "dsb2018.json")
-    p.add_argument("--model", default=None, help="maskrcnn or unet (default: the higher dsb_score)")
-    p.add_argument("--dst", type=Path, default=REPO / "cellrcnn" / "weights" / "nuclei.ckpt")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--name", required=True, help="model name: the file becomes cellrcnn/weights/<name>.ckpt")
+    p.add_argument("--licence", required=True, help="licence note of the weights (follows the training data)")
+    p.add_argument("--results", type=Path, help="bench/generalist.py results with this model's held-out rows")
+    p.add_argument("--run", help="the key of this model's run in --results")
+    p.add_argument("--budget-min", type=float, required=True, help="total training wall time, all legs")
+    p.add_argument("--legs", default="", help="comma-separated minutes of each training leg")
     p.add_argument("--max-mb", type=float, default=25.0)
-    p.add_argument("--benchmark-command", default=None,
-                   help="the bench/dsb2018.py command that trained it, for the model card "
-                        "(default: python bench/dsb2018.py --budget-min <budget> --models maskrcnn,unet)")
-    p.add_argument("--train-annotations", type=Path,
-                   default=REPO / "datasets" / "coco" / "bbbc038" / "annotations" / "dsb_train90.json",
-                   help="the model's training annotations (object size, for checkpoints that lack it)")
+    p.add_argument("--weights-dir", type=Path, default=WEIGHTS)
     args = p.parse_args(argv)
-    bench = json.loads(args.results.read_text())
-    trained = {k: v for k, v in bench["results"].items() if "checkpoint" in v}
-    name = args.model or max(trained, key=lambda k: trained[k]["dsb_score"])
-    metrics = trained[name]
-    src = Path(metrics["checkpoint"])
-    hparams = torch.load(src, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    # the training objects' size, for predict.py diameter=... (train.py records it in new runs)
-    update = {} if hparams.get("object_diameter") else {"object_diameter": annotation_diameter(args.train_annotations)}
-    dtype = save_stripped(src, args.dst, args.max_mb, update)
+
+    cfg, overrides, calibration = run_config(args.checkpoint)
+    sources, profile = training_data(cfg)
+    dst = args.weights_dir / f"{args.name}.ckpt"
+    dtype = save_stripped(args.checkpoint, dst, args.max_mb, {PROFILE_KEY: profile})
 
     from cellrcnn.modules.base import load_module
 
-    model = load_module(args.dst)  # the shipped file must load on its own
-    n_params = sum(p.numel() for p in model.parameters())
-    training = bench["meta"].get("training", {}).get(name, {})
-    meta = bench["meta"]
+    model = load_module(dst)  # the shipped file must load on its own
     card = {
-        "file": args.dst.name, "size_MB": round(args.dst.stat().st_size / 1e6, 2), "stored_dtype": dtype,
-        "module": type(model).__name__, "parameters": n_params,
+        "file": dst.name, "size_MB": round(dst.stat().st_size / 1e6, 2), "stored_dtype": dtype,
+        "module": type(model).__name__, "parameters": sum(q.numel() for q in model.parameters()),
         "input_channels": int(dict(model.hparams).get("net", {}).get("in_channels", 3)),
-        "invert_bright": model.invert_bright,
-        "object_diameter_px": round(model.object_diameter, 1),
-        "trained_on": f"BBBC038 / DSB2018 stage1_train (community-fixed masks), {meta['n_train']} images "
-                      f"(90 % by sha256('{meta['split_salt']}:'+ImageId)), from scratch",
-        "training_command": "python " + re.sub(r"(=)/\S*/(outputs|datasets)/", r"\1\2/",
-                                               training.get("command", "train.py experiment=bbbc038_" + name)),
-        "benchmark_command": args.benchmark_command
-        or f"python bench/dsb2018.py --budget-min {meta['budget_min']:g} --models maskrcnn,unet",
-        "training_budget_min": meta["budget_min"], "global_step": metrics.get("global_step"),
-        "heldout_images": meta["n_val"],
-        "heldout_metrics": {k: round(float(metrics[k]), 4) for k in CARD_METRICS if k in metrics},
-        "decision_thresholds": (metrics.get("calibration") or {}).get("chosen"),
-        "calibration_images": (metrics.get("calibration") or {}).get("n_images"),
-        "created": time.strftime("%Y-%m-%d"),
+        "invert_bright": model.invert_bright, "object_diameter_px": round(float(model.object_diameter), 1),
+        "licence": args.licence, "trained_on": sources, "training_images": len(model.training_images),
+        "training_command": "python train.py " + " ".join(o for o in overrides if not o.startswith("callbacks.")),
+        "training_budget_min": args.budget_min,
+        "training_legs": [float(v) for v in args.legs.split(",") if v],
+        "global_step": torch.load(dst, map_location="cpu", weights_only=False).get("global_step"),
+        "decision_thresholds": calibration.get("chosen"),
+        "calibration_images": calibration.get("n_images"),
+        "training_profile": profile, "heldout_run": args.run,
+        "heldout_metrics": heldout(args.results, args.run), "created": time.strftime("%Y-%m-%d"),
     }
-    (args.dst.parent / "nuclei.json").write_text(json.dumps(card, indent=1) + "\n")
-    thresholds_note = (
-        f", chosen after training on {card['calibration_images']} full training images by "
-        "`python -m cellrcnn.evaluation.calibrate`" if card["decision_thresholds"] else ""
-    )
-    inversion_note = ("; images with a bright background, such as brightfield and H&E, are inverted"
-                      if card["invert_bright"] else "")
-    packing_note = ("" if dtype == "float32" else
-                    " (the packed copy differs by at most ~0.4 % of a tensor's largest value)")
-    results_md = os.path.relpath(args.results.with_suffix(".md").resolve(), REPO)
-    rows = "\n".join(f"| {k} | {v} |" for k, v in card["heldout_metrics"].items())
-    (args.dst.parent / "README.md").write_text(f"""# Shipped nuclei model (`nuclei.ckpt`)
-
-`python predict.py input=FILE_OR_DIR output=DIR` uses this model when no `ckpt_path` is given.
-
-- Model: {card['module']} ({n_params / 1e6:.1f} M parameters), {card['input_channels']}-channel input
-  (RGB images are averaged to grey; every image is percentile-normalised{inversion_note}).
-- Trained on: {card['trained_on']}.
-- Training: `{card['training_command']}`
-  ({card['training_budget_min']:g} min wall-clock budget on a CPU, {card['global_step']} optimiser steps),
-  run by `{card['benchmark_command']}`.
-- Decision thresholds: {card['decision_thresholds'] or 'as configured'}{thresholds_note}.
-- Object size: the training nuclei have a median diameter of {card['object_diameter_px']} px. For images whose
-  nuclei are much larger or smaller, add `diameter=auto` (measured per image) or `diameter=<px>` to `predict.py`.
-- File: {card['size_MB']} MB, weights stored as {dtype} (optimiser state removed; loaded as float32).
-
-Held-out 10 % of the DSB2018 stage-1 training set ({card['heldout_images']} full-size images):
-
-| metric | value |
-|---|---|
-{rows}
-
-These are the float32 weights' metrics before packing{packing_note}; `bench/results/heldout_predict.md` scores the packed file through
-`predict.py`. `infer_s_per_image` is CPU wall time per image. `{results_md}` compares it
-with the other models of its run and with Otsu + watershed (the README's Results section with all
-runs): check that comparison before relying on this model. Expect lower scores on modalities absent from DSB2018 (e.g. phase
-contrast, whole cells); for those, train on your own annotations with `train.py`.
-""")
-    print(json.dumps(card, indent=1))
+    (args.weights_dir / f"{args.name}.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
+    cards = {c.stem: json.loads(c.read_text()) for c in sorted(args.weights_dir.glob("*.json"))
+             if (args.weights_dir / f"{c.stem}.ckpt").is_file()}
+    (args.weights_dir / "README.md").write_text(readme(cards))
+    print(json.dumps(card, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # the API is imported on first use, so that `import cellrcnn` stays light (no torch, no Lightning)
-_API = ("Segmenter", "Result", "available_models", "model_card")
+_API = ("Segmenter", "AutoSegmenter", "Result", "available_models", "model_card")
 
 
 def __getattr__(name: str):

@@ -28,7 +28,7 @@ import numpy as np
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-__all__ = ["Result", "Segmenter", "available_models", "model_card", "WEIGHTS_DIR"]
+__all__ = ["AutoSegmenter", "Result", "Segmenter", "available_models", "model_card", "WEIGHTS_DIR"]
 
 
 def available_models(weights_dir: str | Path | None = None) -> dict[str, Path]:
@@ -148,9 +148,11 @@ class Segmenter:
         return cls(load_module(path), name=kwargs.pop("name", path.name), checkpoint=path, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name: str = "nuclei", **kwargs) -> Segmenter:
-        """A shipped model by name (:func:`available_models`); an unknown name raises a ValueError
-        that lists the available ones."""
+    def from_pretrained(cls, name: str = "nuclei", **kwargs) -> Segmenter | AutoSegmenter:
+        """A shipped model by name (:func:`available_models`), or ``"auto"``: a model chosen per image
+        (:class:`AutoSegmenter`); an unknown name raises a ValueError that lists the available ones."""
+        if name == "auto":
+            return AutoSegmenter(**kwargs)
         models = available_models()
         if name not in models:
             raise ValueError(f"unknown model {name!r}; available: {', '.join(models) or 'none'} "
@@ -214,8 +216,19 @@ class Segmenter:
                                                    self.object_diameter)
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
+        info = {**info, "model": self.name, "warnings": self.warnings(raw, labels, info.get("factor", 1.0))}
         return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
                       pixel_size=pixel_size, info=info)
+
+    def warnings(self, raw: np.ndarray, labels: np.ndarray, factor: float = 1.0) -> list[str]:
+        """Why this model's result on ``raw`` should not be trusted ([] when the image looks like its
+        training data): :func:`cellrcnn.inference.choice.ood_reasons`."""
+        from cellrcnn.data.sizes import object_diameters
+        from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE, ood_reasons
+
+        sizes = object_diameters(labels)
+        measured = float(np.median(sizes)) if len(sizes) >= MIN_OBJECTS_FOR_SIZE else None
+        return ood_reasons(raw, getattr(self.module, "training_profile", None), measured, factor)
 
     def segment_many(self, images: Iterable[str | Path], progress: bool = True, **kwargs) -> Iterator[Result]:
         """Segment image files one after the other (lazily), with a progress bar; keyword
@@ -230,3 +243,50 @@ class Segmenter:
     def __repr__(self) -> str:
         return (f"Segmenter({self.name!r}, {type(self.module).__name__}, channels={self.settings['channels']}, "
                 f"invert_bright={self.settings['invert_bright']}, object_diameter={self.object_diameter})")
+
+
+class AutoSegmenter:
+    """The shipped model that suits each image (:func:`cellrcnn.inference.choice.choose_model`:
+    colour-stained images to ``nuclei_he`` when installed, the rest to ``nuclei``), loaded on
+    first use; :meth:`segment` records the choice and its reason in ``Result.info``.
+
+    Keyword arguments are passed to every :class:`Segmenter` it loads.
+    """
+
+    name = "auto"
+
+    def __init__(self, weights_dir: str | Path | None = None, **kwargs) -> None:
+        self.models = available_models(weights_dir)
+        if not self.models:
+            raise ValueError(f"no shipped model in {weights_dir or WEIGHTS_DIR}; give a checkpoint instead")
+        self.kwargs = kwargs
+        self._loaded: dict[str, Segmenter] = {}
+
+    def segmenter(self, name: str) -> Segmenter:
+        if name not in self._loaded:
+            self._loaded[name] = Segmenter.from_checkpoint(self.models[name], name=name, **self.kwargs)
+        return self._loaded[name]
+
+    @property
+    def object_diameter(self) -> float | None:
+        """The default model's training object size (every shipped model records one)."""
+        from cellrcnn.inference.choice import choose_model
+
+        return self.segmenter(choose_model(np.zeros((8, 8), np.uint8), self.models)[0]).object_diameter
+
+    def segment(self, image: np.ndarray | str | Path, channel: int | None = None, **kwargs) -> Result:
+        """As :meth:`Segmenter.segment`, with the model chosen from the image's appearance."""
+        from cellrcnn.inference.choice import choose_model
+
+        if isinstance(image, str | Path):
+            kwargs.setdefault("name", Path(image).name)
+        raw = Segmenter.read(image, channel)
+        name, reason = choose_model(raw, self.models)
+        result = self.segmenter(name).segment(raw, **kwargs)
+        result.info["model_choice"] = reason
+        return result
+
+    segment_many = Segmenter.segment_many
+
+    def __repr__(self) -> str:
+        return f"AutoSegmenter({', '.join(self.models)})"

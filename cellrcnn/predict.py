@@ -93,14 +93,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
-    # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api)
-    segmenter = Segmenter.from_checkpoint(ckpt_path, tile_size=int(cfg.tile_size), tile_overlap=int(cfg.tile_overlap),
-                                          score_threshold=cfg.get("score_threshold"))
+    # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api);
+    # without ckpt_path a shipped model, by default the one that suits each image (model=auto)
+    options = {"tile_size": int(cfg.tile_size), "tile_overlap": int(cfg.tile_overlap),
+               "score_threshold": cfg.get("score_threshold")}
+    if cfg.get("ckpt_path"):
+        segmenter = Segmenter.from_checkpoint(ckpt_path, **options)
+    else:
+        segmenter = Segmenter.from_pretrained(str(cfg.get("model") or "auto"), **options)
     check_diameter(cfg.get("diameter"), segmenter.object_diameter, str(ckpt_path))
     images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
     protect_inputs([*images, *others])  # no output may replace an input (same folder, symlinks)
 
-    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "images": [], "skipped": []}
+    summary: dict[str, Any] = {"checkpoint": str(cfg.get("ckpt_path") or ckpt_path), "model": segmenter.name,
+                               "images": [], "skipped": []}
     results, tables, stems, shapes = [], [], set(), {}
     for path in images:
         try:
@@ -113,6 +119,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             continue
         result = segmenter.segment(raw, diameter=cfg.get("diameter"), name=path.name, progress=True)
         labels, scores, scaling = result.labels, result.scores, result.info
+        for reason in scaling.get("warnings", []):  # the count of such an image needs a look
+            print(f"{path.name}: do not trust this result blindly: {reason}")
         if scaling["factor"] != 1.0:
             print(f"{path.name}: predicted at {scaling['factor']:g}x size (objects resized to the model's "
                   f"{segmenter.object_diameter:.1f} px)")

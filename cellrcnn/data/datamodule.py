@@ -73,9 +73,33 @@ class AugmentedDataset(Dataset):
         return np.random.default_rng(seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        image, target = self.base.load_numpy(index)
-        image, target = self.transforms(image, target, self._sample_rng())
+        return self._sample(index, self.transforms)
+
+    def _sample(self, index: int, transforms: Compose) -> tuple[torch.Tensor, Target]:
+        rng = self._sample_rng()
+        window, min_area = first_window(transforms, self.base.image_info(index), rng)
+        image, target = self.base.load_numpy(index, window, min_area)
+        image, target = transforms(image, target, rng)
         return to_tensors(image, target)
+
+
+def first_window(transforms: Compose, info: dict, rng: np.random.Generator):
+    """``(window, min_area)``: the random window the first crop of ``transforms`` would take from an
+    image of ``info``'s size, drawn up front so only that window is loaded (``None``: the whole
+    image, when it is not larger)."""
+    from cellrcnn.data.transforms import CropAtMost, RandomCrop
+
+    steps = getattr(transforms, "transforms", [])
+    crops = [t for t in steps if isinstance(t, RandomCrop)]
+    if not steps or not isinstance(steps[0], RandomCrop):
+        return None, 1
+    min_area = next((t.min_area for t in crops if not isinstance(t, CropAtMost)), 1)
+    (th, tw), h, w = steps[0].size, int(info["height"]), int(info["width"])
+    if h <= th and w <= tw:
+        return None, min_area
+    th, tw = min(th, h), min(tw, w)
+    y0, x0 = int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))
+    return (y0, x0, th, tw), min_area
 
 
 def balanced_weights(keys: Sequence[Hashable]) -> np.ndarray:

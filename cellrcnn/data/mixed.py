@@ -95,9 +95,7 @@ class ResizedAugmentedDataset(AugmentedDataset):
         return self._by_factor[key]
 
     def __getitem__(self, index: int):
-        image, target = self.base.load_numpy(index)
-        image, target = self._transforms(self.factors[index])(image, target, self._sample_rng())
-        return to_tensors(image, target)
+        return self._sample(index, self._transforms(self.factors[index]))
 
 
 class SourceView(Dataset):

@@ -52,6 +52,8 @@ OPTIM_DEFAULTS: dict[str, Any] = {
 SOURCE_METRICS = ("dsb_score", "f1@0.5", "precision@0.5", "recall@0.5", "pq@0.5", "segm_AP", "dice")
 # checkpoint entry: content digests of the training images (cellrcnn.data.splits.file_digest)
 TRAINING_IMAGES_KEY = "cellrcnn_training_images"
+# checkpoint entry: image count per modality and nucleus diameters seen in training (inference.choice)
+TRAINING_PROFILE_KEY = "cellrcnn_training_profile"
 
 
 def lr_factor(step: int, total: float, cfg: dict[str, Any], time_fraction: float = 0.0) -> float:
@@ -311,5 +313,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     model = cls(**checkpoint.get("hyper_parameters", {}))
     model.load_state_dict(checkpoint["state_dict"])
     model.training_images = list(checkpoint.get(TRAINING_IMAGES_KEY, []))
+    # what it trained on, for the out-of-distribution warning (written when a model is shipped)
+    model.training_profile = dict(checkpoint.get(TRAINING_PROFILE_KEY, {}))
     model.eval()
     return model

@@ -1,0 +1,102 @@
+"""Which shipped model suits an image, and when a result should not be trusted.
+
+**Model choice** (``model=auto``): the image's appearance decides. A colour stain (H&E and
+similar) goes to the model trained with stained tissue (``nuclei_he``) when it is installed;
+everything else (fluorescence, grey brightfield) to the default ``nuclei``. The reason is
+recorded with each result.
+
+**Out-of-distribution warning**: a model knows what it was trained on, its *training profile*
+(recorded in checkpoints by ``train.py``, or in a shipped model's card): how many training images
+of each modality it saw and the spread of nucleus diameters as it saw them. An image is flagged
+when its modality was (almost) absent from training, when the objects found are far larger or
+smaller than any it trained on, or when the image holds almost no signal. A flagged image's
+count should be checked by eye; neither Cellpose nor StarDist says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from cellrcnn.data.appearance import modality
+
+DEFAULT_MODEL = "nuclei"
+STAINED_MODEL = "nuclei_he"
+# a modality counts as known when at least this share of the training images had it
+MIN_MODALITY_SHARE = 0.02
+# objects this much beyond the training diameters' 1st-99th percentiles are out of range
+SIZE_MARGIN = 1.5
+# fewer objects than this give no reliable median size
+MIN_OBJECTS_FOR_SIZE = 5
+# a percentile spread (99.8th - 1st) below this share of the dtype range is "almost no signal"
+MIN_SIGNAL = 0.01
+
+
+def choose_model(raw: np.ndarray, available: Iterable[str]) -> tuple[str, str]:
+    """``(model name, reason)`` for one raw image among the ``available`` shipped models."""
+    names = list(available)
+    if not names:
+        raise ValueError("no shipped model is installed (cellrcnn/weights/*.ckpt); give ckpt_path=")
+    kind = modality(raw)
+    if kind == "H&E" and STAINED_MODEL in names:
+        return STAINED_MODEL, "colour-stained image (H&E-like)"
+    default = DEFAULT_MODEL if DEFAULT_MODEL in names else names[0]
+    return default, f"{kind} image"
+
+
+def training_profile(modalities: Iterable[str], diameters: Iterable[float]) -> dict:
+    """What a model trained on: image count per modality and nucleus diameter percentiles (px,
+    as the network saw them), for :func:`ood_reasons`."""
+    counts: dict[str, int] = {}
+    for kind in modalities:
+        counts[kind] = counts.get(kind, 0) + 1
+    d = np.asarray([v for v in diameters if np.isfinite(v)], float)
+    sizes = {}
+    if d.size:
+        sizes = {f"p{q}": round(float(np.percentile(d, q)), 2) for q in (1, 5, 50, 95, 99)}
+    return {"modalities": dict(sorted(counts.items())), "object_diameter_px": sizes}
+
+
+def signal_range(raw: np.ndarray) -> float:
+    """The 1st-99.8th percentile spread of the pixels as a share of their type's range (1 for floats
+    with any spread)."""
+    raw = np.asarray(raw)
+    grey = raw[..., :3].mean(axis=-1) if raw.ndim == 3 else raw
+    lo, hi = np.percentile(grey[:: max(1, grey.shape[0] // 512), :: max(1, grey.shape[1] // 512)], (1, 99.8))
+    if raw.dtype.kind in "ui":
+        return float(hi - lo) / float(np.iinfo(raw.dtype).max)
+    return 1.0 if hi > lo else 0.0
+
+
+def ood_reasons(
+    raw: np.ndarray, profile: Mapping | None, measured_diameter: float | None, factor: float = 1.0
+) -> list[str]:
+    """Why a result on ``raw`` should not be trusted ([] when nothing is off).
+
+    Args:
+        raw: the image as read.
+        profile: the model's :func:`training_profile` (None or {}: only the signal is checked).
+        measured_diameter: median diameter (px, in the image) of the objects found; None if too few.
+        factor: the resize applied before the network saw the image (``diameter=``).
+    """
+    reasons = []
+    if signal_range(raw) < MIN_SIGNAL:
+        reasons.append("almost no signal (the brightest pixels are barely above the darkest)")
+    if not profile:
+        return reasons
+    counts = profile.get("modalities") or {}
+    total = sum(counts.values())
+    kind = modality(raw)
+    if total and counts.get(kind, 0) / total < MIN_MODALITY_SHARE:
+        seen = ", ".join(f"{k} {v}" for k, v in counts.items())
+        reasons.append(f"{kind} images are (almost) absent from the model's training data ({seen} images)")
+    sizes = profile.get("object_diameter_px") or {}
+    if measured_diameter and sizes.get("p1") and sizes.get("p99"):
+        seen_at = float(measured_diameter) * factor
+        if not sizes["p1"] / SIZE_MARGIN <= seen_at <= sizes["p99"] * SIZE_MARGIN:
+            reasons.append(
+                f"objects of {measured_diameter:.0f} px median diameter, outside the training range "
+                f"({sizes['p1']:.0f}-{sizes['p99']:.0f} px): set diameter=<px> or diameter=auto"
+            )
+    return reasons

@@ -1,0 +1,41 @@
+"""Model choice per image and the out-of-distribution warning."""
+
+import numpy as np
+import pytest
+
+from cellrcnn.inference.choice import choose_model, ood_reasons, signal_range, training_profile
+
+
+def _fluorescence(value=3000) -> np.ndarray:
+    img = np.full((64, 64), 100, np.uint16)
+    img[10:20, 10:20] = value
+    return img
+
+
+def _he() -> np.ndarray:
+    img = np.zeros((64, 64, 3), np.uint8) + np.array([235, 210, 225], np.uint8)
+    img[10:20, 10:20] = (80, 40, 130)
+    return img
+
+
+def test_stained_images_go_to_the_stained_model_when_installed():
+    assert choose_model(_he(), ["nuclei", "nuclei_he"])[0] == "nuclei_he"
+    assert choose_model(_fluorescence(), ["nuclei", "nuclei_he"]) == ("nuclei", "fluorescence image")
+    assert choose_model(_he(), ["nuclei"])[0] == "nuclei"
+    with pytest.raises(ValueError, match="ckpt_path"):
+        choose_model(_he(), [])
+
+
+def test_ood_flags_unseen_modality_sizes_and_missing_signal():
+    profile = training_profile(["fluorescence"] * 90 + ["brightfield"] * 10, np.linspace(8, 40, 200))
+    assert profile["modalities"] == {"brightfield": 10, "fluorescence": 90}
+    assert profile["object_diameter_px"]["p50"] == pytest.approx(24.0)
+    assert ood_reasons(_fluorescence(), profile, 20.0) == []
+    assert "H&E images are (almost) absent" in " ".join(ood_reasons(_he(), profile, 20.0))
+    big = ood_reasons(_fluorescence(), profile, 150.0)
+    assert len(big) == 1 and "diameter=" in big[0]
+    assert ood_reasons(_fluorescence(), profile, 150.0, factor=0.2) == []  # resized to the training size
+    assert ood_reasons(_fluorescence(), profile, 5.0 / 1.6) != []
+    flat = _fluorescence(value=101)
+    assert signal_range(flat) < 0.01 and "no signal" in ood_reasons(flat, None, None)[0]
+    assert ood_reasons(_fluorescence(), {}, None) == []
