@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
 from omegaconf import DictConfig
 
 from .config import CONF_DIR, compose_config  # noqa: F401  (re-exported for notebooks and tests)
@@ -158,7 +158,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if calibrating:
         if use_best:  # calibrate the weights that are tested
             model.load_state_dict(torch.load(best, map_location=model.device, weights_only=False)["state_dict"])
-        deadline = start_clock + budget if budget is not None else None
+        # a resumed leg: the Timer restored the training time of the earlier legs, which the budget already spent
+        earlier = next((float(getattr(c, "_offset", 0.0)) for c in trainer.callbacks if isinstance(c, Timer)), 0.0)
+        deadline = start_clock + budget - earlier if budget is not None else None
         calibrated = calibrate_thresholds(model, datamodule, int(cfg.calibrate), trainer, out_dir, deadline)
         if calibrated:  # the same weights, with the chosen thresholds
             tested = out_dir / "checkpoints" / "calibrated.ckpt"
