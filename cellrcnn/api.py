@@ -18,6 +18,7 @@ model card); :func:`available_models` lists them.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -261,11 +262,13 @@ class AutoSegmenter:
             raise ValueError(f"no shipped model in {weights_dir or WEIGHTS_DIR}; give a checkpoint instead")
         self.kwargs = kwargs
         self._loaded: dict[str, Segmenter] = {}
+        self._lock = threading.Lock()  # threads of a server must not load one model twice
 
     def segmenter(self, name: str) -> Segmenter:
-        if name not in self._loaded:
-            self._loaded[name] = Segmenter.from_checkpoint(self.models[name], name=name, **self.kwargs)
-        return self._loaded[name]
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = Segmenter.from_checkpoint(self.models[name], name=name, **self.kwargs)
+            return self._loaded[name]
 
     @property
     def object_diameter(self) -> float | None:
@@ -280,7 +283,7 @@ class AutoSegmenter:
 
         if isinstance(image, str | Path):
             kwargs.setdefault("name", Path(image).name)
-        raw = Segmenter.read(image, channel)
+        raw = Segmenter.read(image, channel, kwargs.pop("plane", None))
         name, reason = choose_model(raw, self.models)
         result = self.segmenter(name).segment(raw, **kwargs)
         result.info["model_choice"] = reason

@@ -72,6 +72,16 @@ def test_health_and_models(app):
     assert listed["nuclei"]["loaded"] and not listed["nuclei_copy"]["default"]
 
 
+def test_auto_chooses_a_shipped_model_per_image(app):
+    response = post(app, disks_png(2), model="auto")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "nuclei" and "image" in body["model_choice"] and body["n_objects"] == 2
+    listed = request(app, ("GET", "/models", {}))[0].json()["models"]
+    assert listed[0]["name"] == "auto" and "nuclei_he" in listed[0]["card"]["description"]
+    assert post(app, disks_png(2)).json()["model_choice"] is None  # the server's default: named nuclei
+
+
 def test_a_request_names_another_model(app):
     response = post(app, disks_png(2), model="nuclei_copy")
     assert response.status_code == 200 and response.json()["model"] == "nuclei_copy"
@@ -127,7 +137,7 @@ def test_bad_inputs_get_4xx_saying_what_is_wrong(app):
         (post(app, b"a,b\n1,2\n", filename="table.csv"), 415, "table.csv: not an image"),
         (post(app, disks_png(1)[:60], filename="cut.png"), 422, "cut.png: cannot read image"),
         (post(app, too_many_pixels.getvalue(), filename="big.png"), 422, "400×400 pixels exceeds the limit of 0.1"),
-        (post(app, disks_png(1), model="nuclei_../../x"), 422, "unknown model 'nuclei_../../x'; available: nuclei"),
+        (post(app, disks_png(1), model="nuclei_../../x"), 422, "unknown model 'nuclei_../../x'; available: auto, nuclei"),
         (post(app, disks_png(1), fmt="jpeg"), 422, "unknown format 'jpeg'; choose from tiff, png"),
         (post(app, disks_png(1), diameter="-3"), 422, "diameter must be a positive number or auto"),
         (post(app, disks_png(1), pixel_size="nan"), 422, "pixel_size must be a positive number"),
@@ -298,7 +308,7 @@ def test_sniffing_and_command_line_errors(capsys):
     assert sniff_suffix(disks_png(1)) == ".png" and sniff_suffix(b"II*\0rest") == ".tif"
     assert sniff_suffix(b"%PDF-1.4") is None
     assert main(["--model", "no_such_model"]) == 2
-    assert "unknown model 'no_such_model'; available: nuclei" in capsys.readouterr().out
+    assert "unknown model 'no_such_model'; available: auto, nuclei" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--max-upload-mb" in capsys.readouterr().out
@@ -350,10 +360,10 @@ def test_registry_takes_a_checkpoint_path_or_a_shipped_name(tmp_path):
     ckpt = tmp_path / "my_model.ckpt"
     shutil.copy(WEIGHTS_DIR / "nuclei.ckpt", ckpt)
     registry = ModelRegistry(str(ckpt))
-    assert registry.default == "my_model.ckpt" and registry.names[:2] == ["my_model.ckpt", "nuclei"]
-    assert [c["card"] for c in registry.cards()][0] == {}  # no card beside the checkpoint
+    assert registry.default == "my_model.ckpt" and registry.names[:3] == ["auto", "my_model.ckpt", "nuclei"]
+    assert [c["card"] for c in registry.cards()][1] == {}  # no card beside the checkpoint
     assert ModelRegistry("nuclei").default == "nuclei"
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         ModelRegistry(str(tmp_path / "missing.ckpt"))
-    with pytest.raises(ValueError, match="unknown model 'nucleus'; available: nuclei"):
+    with pytest.raises(ValueError, match="unknown model 'nucleus'; available: auto, nuclei"):
         ModelRegistry("nucleus")

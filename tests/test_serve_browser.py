@@ -128,7 +128,7 @@ def test_drop_an_image_read_the_count_download_the_csv(server, browser, nucleus_
 
     driver.get(server)
     wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#model option"), 30, "the model list")
-    assert driver.find_element(By.ID, "model").get_attribute("value") == "nuclei"
+    assert driver.find_element(By.ID, "model").get_attribute("value") == "auto"  # the server's default
     driver.find_element(By.ID, "files").send_keys(str(path))  # the drop zone's file input
     card = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".result[data-state]"), 120, "the result")[0]
     assert card.get_attribute("data-state") == "done", card.text

@@ -1,6 +1,6 @@
 """Serve a model over HTTP: a JSON/file API and a web page where an image is dropped in a browser.
 
-    python -m cellrcnn.serve                       # http://127.0.0.1:8000, the shipped nuclei model
+    python -m cellrcnn.serve                       # http://127.0.0.1:8000, the shipped models
     cellrcnn serve --host 0.0.0.0 --port 8080 --model path/to/model.ckpt --workers 2
 
 The model is loaded once at start-up; images are segmented in ``--workers`` threads with at most
@@ -25,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--model", default="nuclei", help="a shipped model name (GET /models lists them) or a .ckpt path")
+    p.add_argument("--model", default="auto",
+                   help="auto (the shipped model that suits each image), a shipped model name (GET /models "
+                        "lists them) or a .ckpt path")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body in MB")
     p.add_argument("--max-megapixels", type=float, default=50.0, help="largest image in megapixels")
     p.add_argument("--workers", type=int, default=1, help="images segmented at the same time (threads)")

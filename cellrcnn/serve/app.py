@@ -99,13 +99,13 @@ SEGMENT_FORM = {
 }
 
 
-def create_app(model: str = "nuclei", settings: ServeSettings | None = None,
+def create_app(model: str = "auto", settings: ServeSettings | None = None,
                weights_dir: str | Path | None = None) -> FastAPI:
-    """The application, with ``model`` (a shipped model name or a checkpoint path) loaded now;
+    """The application, with ``model`` (``auto``, a shipped model name or a checkpoint path) loaded now;
     ``weights_dir``: where the shipped models are (default ``cellrcnn/weights``)."""
     settings = settings or ServeSettings()
     registry = ModelRegistry(model, weights_dir, tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
-    registry.get()  # loaded once, before the first request; a broken checkpoint fails at start-up
+    registry.warm()  # loaded once, before the first request; a broken checkpoint fails at start-up
     pool = InferencePool(settings.workers, settings.max_queue)
     temp_root = Path(tempfile.mkdtemp(prefix="cellrcnn-serve-"))
     job_seconds = [1.0]  # running mean of a job's duration, for Retry-After

@@ -70,19 +70,26 @@ class InferencePool:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-class ModelRegistry:
-    """The models a client may name: the shipped ones plus the one the server was started with.
+AUTO = "auto"  # a shipped model chosen per image (cellrcnn.api.AutoSegmenter)
 
-    Clients choose by name only, never by path. Each model is loaded once, on first use (the
-    default one at start-up), and shared by all worker threads (prediction does not modify it).
+
+class ModelRegistry:
+    """The models a client may name: ``auto``, the shipped ones, and a checkpoint the server was
+    started with.
+
+    Clients choose by name only, never by path. Each model is loaded once and shared by all
+    worker threads (prediction does not modify it); ``auto`` and the shipped names share the
+    same loaded models.
     """
 
     def __init__(self, default: str, weights_dir: str | Path | None = None, **segmenter_kwargs):
         from cellrcnn.api import available_models
 
-        self.checkpoints: dict[str, Path] = dict(available_models(weights_dir))
+        self.weights_dir = weights_dir
+        self.shipped: dict[str, Path] = dict(available_models(weights_dir))
+        self.checkpoints: dict[str, Path] = dict(self.shipped)  # name -> checkpoint, auto aside
         path = Path(default)
-        if default in self.checkpoints:
+        if default in self.checkpoints or (default == AUTO and self.shipped):
             self.default = default
         elif path.suffix == ".ckpt" or path.is_file():
             if not path.is_file():
@@ -90,21 +97,35 @@ class ModelRegistry:
             self.default = path.name
             self.checkpoints = {path.name: path, **self.checkpoints}
         else:
-            raise ValueError(f"unknown model {default!r}; available: {', '.join(self.checkpoints) or 'none'}, "
+            raise ValueError(f"unknown model {default!r}; available: {', '.join(self.names) or 'none'}, "
                              "or the path of a .ckpt file")
         self.segmenter_kwargs = segmenter_kwargs
+        self._auto = None
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
-        return list(self.checkpoints)
+        return ([AUTO] if self.shipped else []) + list(self.checkpoints)
+
+    def _auto_segmenter(self):
+        from cellrcnn.api import AutoSegmenter
+
+        with self._lock:
+            if self._auto is None:
+                self._auto = AutoSegmenter(self.weights_dir, **self.segmenter_kwargs)
+            return self._auto
 
     def get(self, name: str | None = None):
-        """The :class:`cellrcnn.api.Segmenter` of ``name`` (default model when None), loaded once."""
+        """The segmenter of ``name`` (default model when None): an :class:`cellrcnn.api.AutoSegmenter`
+        for ``auto``, else a :class:`cellrcnn.api.Segmenter`, loaded once."""
         from cellrcnn.api import Segmenter
 
         name = name or self.default
+        if name == AUTO and self.shipped:
+            return self._auto_segmenter()
+        if name in self.shipped:  # the loader auto uses, so each shipped model is loaded once
+            return self._auto_segmenter().segmenter(name)
         if name not in self.checkpoints:
             raise KeyError(name)
         with self._lock:  # two first requests for one model must not load it twice
@@ -113,13 +134,27 @@ class ModelRegistry:
                                                                **self.segmenter_kwargs)
             return self._loaded[name]
 
+    def warm(self) -> None:
+        """Load the default model now (for ``auto``: every shipped model), not on a first request."""
+        for name in (self.shipped if self.default == AUTO else [self.default]):
+            self.get(name)
+
+    def is_loaded(self, name: str) -> bool:
+        if name == AUTO or name in self.shipped:
+            return self._auto is not None and (name == AUTO or name in self._auto._loaded)
+        return name in self._loaded
+
     def cards(self) -> list[dict]:
         """One entry per model: name, whether it is the default, whether it is loaded, and its
         model card (the ``.json`` beside the checkpoint: training data, thresholds, held-out metrics)."""
         out = []
+        if self.shipped:
+            out.append({"name": AUTO, "default": self.default == AUTO, "loaded": self.is_loaded(AUTO), "card": {
+                "description": "the shipped model that suits each image: colour-stained (H&E-like) images to "
+                               f"nuclei_he when installed, the rest to nuclei; shipped: {', '.join(self.shipped)}"}})
         for name, path in self.checkpoints.items():
             card = path.with_suffix(".json")
-            out.append({"name": name, "default": name == self.default, "loaded": name in self._loaded,
+            out.append({"name": name, "default": name == self.default, "loaded": self.is_loaded(name),
                         "card": json.loads(card.read_text()) if card.is_file() else {}})
         return out
 

@@ -45,7 +45,8 @@ def result_json(result, model: str, downloads_for: str = "/segment") -> dict:
         "n_objects": result.n_objects,
         "width": int(w),
         "height": int(h),
-        "model": model,
+        "model": result.info.get("model") or model,  # with auto: the model chosen for this image
+        "model_choice": result.info.get("model_choice"),  # why auto chose it (None for a named model)
         "image": result.name,
         "pixel_size": result.pixel_size,
         "resize_factor": result.info.get("factor", 1.0),

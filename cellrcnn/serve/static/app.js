@@ -29,7 +29,7 @@ async function init() {
   const describe = () => {
     const m = models.models.find((x) => x.name === select.value);
     const d = m && m.card.object_diameter_px;
-    $("#model-info").textContent = d ? `trained on nuclei of ~${d} px diameter` : "";
+    $("#model-info").textContent = d ? `trained on nuclei of ~${d} px diameter` : (m && m.card.description) || "";
   };
   select.addEventListener("change", describe);
   describe();
@@ -86,7 +86,8 @@ async function segment(file, card, options) {
     if (!response.ok) throw new Error(await errorText(response));
     const data = await response.json();
     show(card, file, options, data);
-    status.textContent = `${data.model}, ${((performance.now() - started) / 1000).toFixed(1)} s`;
+    const choice = data.model_choice ? ` (auto: ${data.model_choice})` : "";
+    status.textContent = `${data.model}${choice}, ${((performance.now() - started) / 1000).toFixed(1)} s`;
     card.dataset.state = "done";
   } catch (err) {
     status.textContent = `failed: ${err.message}`;
