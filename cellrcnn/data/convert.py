@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _convert(args) -> int:
     module = import_module(SOURCES[args.command][0])
+    from cellrcnn.data.converters import staging
     from cellrcnn.data.converters.common import check_output_folder
 
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "src", "out", "force")}
@@ -111,12 +112,20 @@ def _convert(args) -> int:
     if args.src is not None and args.out.resolve() in (args.src.resolve(), *args.src.resolve().parents):
         raise ValueError(f"--out {args.out} must not contain --src {args.src} (old outputs are cleaned up)")
     check_output_folder(args.out, args.force)
-    module.convert(args.src, args.out, **kwargs)
-    summary = json.loads((args.out / "conversion.json").read_text()) if (args.out / "conversion.json").is_file() else {}
-    if summary.get("images_read") and not summary.get("images_written"):
-        print(f"error: none of the {summary['images_read']} source images could be converted (see above)",
-              file=sys.stderr)
-        return 1
+    stage = staging.begin(args.out)  # written beside --out, swapped in when complete
+    try:
+        module.convert(args.src, stage, **kwargs)
+        report = stage / "conversion.json"
+        summary = json.loads(report.read_text()) if report.is_file() else {}
+        if summary.get("images_read") and not summary.get("images_written"):
+            staging.discard(stage)  # an earlier good conversion in --out is kept
+            print(f"error: none of the {summary['images_read']} source images could be converted (see above); "
+                  f"{args.out} left as it was", file=sys.stderr)
+            return 1
+    except BaseException:
+        staging.discard(stage)
+        raise
+    staging.commit(stage, args.out)
     return 0
 
 

@@ -216,3 +216,27 @@ def test_folder_converter_does_not_unpickle_seg_npy_without_consent(tmp_path, ca
     assert convert(src, tmp_path / "out") == 1  # the only image was skipped
     assert "--allow-pickle" in capsys.readouterr().out
     assert not marker.exists()
+
+
+def test_interrupted_reconversion_leaves_the_old_output_whole(tmp_path, monkeypatch):
+    from cellrcnn.data.converters import common
+
+    src = make_source(tmp_path / "src", names=("a", "b", "c", "d"))
+    out = tmp_path / "out"
+    assert convert(src, out, "--splits", "1,1,1") == 0
+    before = tree_bytes(out)
+    calls = {"n": 0}
+    real = common.write_bytes
+
+    def dies_midway(path, data):  # a kill after the first annotation file of the new run
+        if path.suffix == ".json" and calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += path.suffix == ".json"
+        real(path, data)
+
+    monkeypatch.setattr(common, "write_bytes", dies_midway)
+    monkeypatch.setattr(common, "write_together", lambda files: [dies_midway(p, d) for p, d in files.items()])
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, "--splits", "2,1,0")
+    assert tree_bytes(out) == before and validate(out) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
