@@ -45,7 +45,10 @@ def app(tmp_path_factory):
         for suffix in (".ckpt", ".json"):
             shutil.copy(WEIGHTS_DIR / f"nuclei{suffix}", weights / f"{name}{suffix}")
     settings = ServeSettings(max_upload_mb=LIMIT_MB, max_megapixels=0.1, workers=2, max_queue=2, cache_megapixels=0)
-    return create_app("nuclei", settings, weights_dir=weights)
+    app = create_app("nuclei", settings, weights_dir=weights)
+    yield app
+    app.state.pool.shutdown()  # what the server's shutdown does (ASGI lifespan is not run in-process)
+    shutil.rmtree(app.state.temp_root)
 
 
 def request(app, *calls):
