@@ -97,16 +97,17 @@ def test_real_image_as_array_or_file(segmenter, tmp_path):
 
 def test_channel_or_plane_selects_one_image(segmenter):
     rng = np.random.default_rng(0)
-    stack = rng.integers(0, 60, (256, 256, 5)).astype(np.uint16)
-    stack[..., 3] = disks_image(3, 2).astype(np.uint16) * 16  # 16-bit nuclei channel
-    assert segmenter.segment(stack, channel=3).n_objects == 6
-    np.testing.assert_array_equal(segmenter.segment(stack, channel=3).labels, segmenter.segment(stack[..., 3]).labels)
+    stack = rng.integers(0, 60, (160, 112, 5)).astype(np.uint16)
+    stack[..., 3] = disks_image(3, 2)[:160, :112].astype(np.uint16) * 16  # 16-bit nuclei channel, 6 nuclei
+    by_channel = segmenter.segment(stack, channel=3)
+    assert by_channel.n_objects == 6
+    np.testing.assert_array_equal(by_channel.labels, segmenter.segment(stack[..., 3]).labels)
     with pytest.raises(ValueError, match="channel=..."):
         segmenter.segment(stack)  # 5 planes: which one is the nuclei is the user's choice
     with pytest.raises(ValueError, match="out of range"):
         segmenter.segment(stack, channel=5)
     planes = np.moveaxis(stack, -1, 0)  # as a Z×H×W stack: plane=3 is the nuclei
-    np.testing.assert_array_equal(segmenter.segment(planes, plane=3).labels, segmenter.segment(stack[..., 3]).labels)
+    np.testing.assert_array_equal(segmenter.segment(planes, plane=3).labels, by_channel.labels)
 
 
 def test_segment_many_in_order_with_pixel_size(segmenter, tmp_path):
