@@ -21,10 +21,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+NO_BROWSER = ("no Chromium: apt-get install chromium chromium-driver (the browser test needs /usr/bin/chromium "
+              "and /usr/bin/chromedriver)")
+# skipped before the server starts when there is no browser to drive
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=NO_BROWSER)]
 DSB_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bbbc038" / "stage1_train.zip"
 DSB_IMAGE = "003cee89357d9fe13516167fd67b609a164651b21934585648c740d2c3d86dc1"  # fluorescence, 36 nuclei
 
@@ -64,10 +66,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture()
 def browser(tmp_path):
-    """(Chromium driven by selenium, download folder); skips when Chromium or its driver is missing."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no Chromium: apt-get install chromium chromium-driver (the browser test needs /usr/bin/chromium "
-                    "and /usr/bin/chromedriver)")
+    """(Chromium driven by selenium, download folder)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
