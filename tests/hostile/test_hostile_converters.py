@@ -240,3 +240,12 @@ def test_interrupted_reconversion_leaves_the_old_output_whole(tmp_path, monkeypa
         convert(src, out, "--splits", "2,1,0")
     assert tree_bytes(out) == before and validate(out) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_converter_refuses_a_z_stack_instead_of_taking_page_0(tmp_path, capsys):
+    src = make_source(tmp_path / "src", names=("a",))
+    tifffile.imwrite(src / "z.tif", np.zeros((5, 16, 18), np.uint16))  # five pages
+    tifffile.imwrite(src / "z_masks.tif", np.ones((16, 18), np.uint16))
+    assert convert(src, tmp_path / "out") == 0
+    text = capsys.readouterr().out
+    assert "z.tif: a stack of 5 pages" in text and "1 images and 0 instances not written" in text

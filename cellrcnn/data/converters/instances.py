@@ -28,6 +28,10 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                pages = len(tif.series[0].pages) if tif.series else 1
+                if pages > 1:  # never page 0 of a stack silently: which plane is the annotated one?
+                    raise ImageReadError(f"{name}: a stack of {pages} pages or z-planes ({tif.series[0].axes} "
+                                         f"{tif.series[0].shape}); save the annotated plane as its own file")
                 arr = tif.pages[0].asarray()
             if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
                 arr = np.moveaxis(arr, 0, -1)  # planar CYX -> YXC
@@ -38,6 +42,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             if arr is not None and arr.ndim == 3:
                 code = cv2.COLOR_BGRA2RGBA if arr.shape[-1] == 4 else cv2.COLOR_BGR2RGB
                 arr = cv2.cvtColor(arr, code)
+    except ImageReadError:
+        raise
     except Exception as exc:  # tifffile/numpy raise many types for a damaged file
         raise ImageReadError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     if arr is None or arr.size == 0 or arr.ndim not in (2, 3):
