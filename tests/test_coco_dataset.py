@@ -195,3 +195,22 @@ def test_image_size_mismatch_and_corrupt_image(root):
     (root / "images" / "rgb.jpg").unlink()
     with pytest.raises(ImageReadError, match="rgb.jpg"):
         ds[3]
+
+
+def test_a_window_loads_what_cropping_the_full_target_keeps(root):
+    root, _ = root
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture's deliberate empty and crowd annotations
+        ds = CocoInstanceDataset(root / "annotations" / "train.json", channels=1)
+        full_image, full = ds.load_numpy(0)
+        y0, x0, h, w = 4, 10, 16, 18
+        image, part = ds.load_numpy(0, (y0, x0, h, w))
+        few = ds.load_target(0, (y0, x0, h, w), min_area=10**6)
+    assert np.array_equal(image, full_image[:, y0 : y0 + h, x0 : x0 + w])
+    cropped = full["masks"][:, y0 : y0 + h, x0 : x0 + w]
+    kept = [m for m, has in zip(cropped, full["has_mask"], strict=True) if has and m.any()]
+    assert np.array_equal(part["masks"][part["has_mask"]], np.stack(kept))
+    boxes = part["boxes"][~part["has_mask"]]  # box-only objects: shifted and clipped to the window
+    assert np.all(boxes[:, 2] <= w) and np.all(boxes[:, 3] <= h) and np.all(boxes >= 0)
+    # a fragment under min_area pixels is what a random crop drops; a whole small object stays
+    assert len(few["masks"]) < len(part["masks"])

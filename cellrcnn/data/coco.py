@@ -110,6 +110,25 @@ def _short(value) -> str:
 Window = tuple[int, int, int, int]  # (y0, x0, height, width) in pixels
 
 
+def _extent(ann: dict, h: int, w: int) -> list[float] | None:
+    """The xywh box an annotation's geometry covers (its own, not the ``bbox`` field, which may
+    disagree); None when it cannot be told cheaply (then the annotation is decoded)."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann.get("segmentation")
+    try:
+        if isinstance(seg, dict):
+            rle = seg if isinstance(seg.get("counts"), str | bytes) else mask_utils.frPyObjects(seg, h, w)
+            return [float(v) for v in mask_utils.toBbox(rle)]
+        if isinstance(seg, list) and seg:
+            xy = np.concatenate([np.asarray(p, float).reshape(-1, 2) for p in seg])
+            lo, hi = xy.min(axis=0), xy.max(axis=0)
+            return [lo[0] - 1, lo[1] - 1, hi[0] - lo[0] + 2, hi[1] - lo[1] + 2]  # rasterisation margin
+        return [float(v) for v in ann["bbox"]] if not seg and ann.get("bbox") else None
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 class CocoInstanceDataset(Dataset):
     """Instance segmentation samples from a COCO file.
 
@@ -214,8 +233,9 @@ class CocoInstanceDataset(Dataset):
         boxes, labels, masks, has_mask = [], [], [], []
         for ann in self._anns.get(info["id"], []):
             seg = ann.get("segmentation")
-            if window is not None and ann.get("bbox"):
-                bx, by, bw, bh = map(float, ann["bbox"])
+            reach = _extent(ann, full_h, full_w) if window is not None else None
+            if reach is not None:
+                bx, by, bw, bh = reach
                 if bx >= x0 + w or by >= y0 + h or bx + bw <= x0 or by + bh <= y0:
                     continue
             if seg:
