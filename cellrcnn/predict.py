@@ -153,6 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if images and not summary["images"]:  # nothing was predicted: a failed run, not a success
         # the command line prints this without a traceback and exits non-zero
         raise ImageReadError(f"all {len(images)} input file(s) of {cfg.input} were skipped (see above)")
+    protect_inputs([])  # the inputs of this run are no longer this thread's to guard
     return summary
 
 

@@ -194,19 +194,19 @@ def summarize(
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table as CSV (``.csv``), TSV (``.tsv``) or Parquet (``.parquet``, needs pyarrow)."""
+    """Write a table as CSV (``.csv``), TSV (``.tsv``) or Parquet (``.parquet``, needs pyarrow),
+    atomically and never over an input file (:func:`cellrcnn.io.atomic_write`)."""
+    from cellrcnn.io import atomic_write
+
     path = Path(path)
     suffix = path.suffix.lower()
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError as exc:
             raise ImportError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow); "
                               "or write .csv instead") from exc
-        df.to_parquet(path, index=False)
-    elif suffix in (".csv", ".tsv"):
-        df.to_csv(path, index=False, sep="," if suffix == ".csv" else "\t")
-    else:
-        raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
-    return path
+        return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    if suffix in (".csv", ".tsv"):
+        return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, sep="," if suffix == ".csv" else "\t"))
+    raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")

@@ -104,3 +104,13 @@ def test_run_where_every_file_was_skipped_fails(tmp_path):
     (folder / "b.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises((RuntimeError, ValueError), match="all 2 input file"):
         _predict(tmp_path, f"input={folder}", f"output={tmp_path / 'o'}")
+
+
+def test_run_level_tables_never_replace_an_input_table(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", _nuclei(4))
+    (folder / "measurements.csv").write_text("my own spreadsheet\n")
+    with pytest.raises(FileExistsError, match="measurements.csv: refusing to overwrite an input"):
+        _predict(tmp_path, f"input={folder}", f"output={folder}", "measure=true")
+    assert (folder / "measurements.csv").read_text() == "my own spreadsheet\n"
