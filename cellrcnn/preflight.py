@@ -128,8 +128,6 @@ def check_training(cfg: DictConfig, datamodule) -> None:
     if logger_target.endswith("TensorBoardLogger") and not (_have("tensorboard") or _have("tensorboardX")):
         raise UsageError("logger=tensorboard needs the tensorboard package",
                          "pip install 'cellrcnn[train]', or choose logger=csv or logger=none")
-    if getattr(datamodule, "synthetic", None) is not None:
-        _require("cv2", "the synthetic dataset (data=synthetic)", "train")
     datamodule.prepare_data()  # generates the synthetic dataset on first use
     if hasattr(datamodule, "sources"):  # several sources: each must have its training split
         for source in datamodule.sources:
