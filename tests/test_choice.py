@@ -39,3 +39,19 @@ def test_ood_flags_unseen_modality_sizes_and_missing_signal():
     flat = _fluorescence(value=101)
     assert signal_range(flat) < 0.01 and "no signal" in ood_reasons(flat, None, None)[0]
     assert ood_reasons(_fluorescence(), {}, None) == []
+
+
+def test_auto_segmenter_picks_a_model_per_image_and_reports_it(tmp_path):
+    import shutil
+
+    from cellrcnn.api import WEIGHTS_DIR, AutoSegmenter
+
+    for name in ("nuclei", "nuclei_he"):  # two installed models (the same weights will do)
+        shutil.copy(WEIGHTS_DIR / "nuclei.ckpt", tmp_path / f"{name}.ckpt")
+    auto = AutoSegmenter(weights_dir=tmp_path)
+    stained, fluo = auto.segment(_he()), auto.segment(_fluorescence())
+    assert stained.info["model"] == "nuclei_he" and "stained" in stained.info["model_choice"]
+    assert fluo.info["model"] == "nuclei" and fluo.info["model_choice"] == "fluorescence image"
+    assert isinstance(fluo.info["warnings"], list)
+    with pytest.raises(ValueError, match="no shipped model"):
+        AutoSegmenter(weights_dir=tmp_path / "empty")
