@@ -52,7 +52,9 @@ def table(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeatable)")
+    p.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT (repeatable)")
+    p.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="instead of evaluating: one table from earlier runs' generalist.json files")
     p.add_argument("--diameters", default="null,auto", help="diameter settings to compare (null, auto, gt, px)")
     p.add_argument("--split", default="test")
     p.add_argument("--source", action="append", default=[],
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generalist")
     args = p.parse_args(argv)
+    if args.merge:
+        merged = {k: v for path in args.merge for k, v in json.loads(path.read_text()).items()}
+        write(args.out, merged, "python bench/generalist.py --merge " + " ".join(map(str, args.merge)), args.split)
+        return
+    if not args.model:
+        p.error("give --model NAME=CHECKPOINT (or --merge)")
     results = {}
     for spec in args.model:
         name, _, ckpt = spec.partition("=")
@@ -69,17 +77,22 @@ def main(argv: list[str] | None = None) -> None:
             results[key] = evaluate(ckpt, diameter, args.split, args.out / f"{name}_{diameter}", args.source,
                                     args.threads)
             results[key]["checkpoint"] = ckpt
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generalist.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     command = "python bench/generalist.py " + " ".join(f"--model {m}" for m in args.model) + \
         f" --diameters {args.diameters} --split {args.split}"
-    md = [f"# Nuclei models per source ({args.split} split of each source)", "",
+    write(args.out, results, command, args.split)
+
+
+def write(out: Path, results: dict, command: str, split: str) -> None:
+    """``generalist.json`` and ``generalist.md`` (the per-source table) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generalist.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    md = [f"# Nuclei models per source ({split} split of each source)", "",
           "dsb_score / f1@0.5 / pq@0.5 per source; `all` pools every image.", "", *table(results), "",
           f"Command: `{command}`"]
     seen = {k: r["seen_in_training"] for k, r in results.items() if r["seen_in_training"]}
     if seen:
         md += ["", f"Images these checkpoints trained on (scores optimistic): {seen}"]
-    (args.out / "generalist.md").write_text("\n".join(md) + "\n")
+    (out / "generalist.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -186,3 +186,21 @@ def test_watershed_sweep_grid_parsing():
     assert sweep.parse_grid(["h=0.02,0.05", "boundary_weight=1"]) == {"h": [0.02, 0.05], "boundary_weight": [1.0]}
     with pytest.raises(SystemExit, match="NAME=V1"):
         sweep.parse_grid(["h"])
+
+
+def test_generalist_table_merges_runs_per_source(tmp_path):
+    generalist = _load_script("generalist")
+
+    def run(dsb, f1):
+        rows = [{"field": "source", "group": g, "n_images": n, "dsb_score": dsb, "f1@0.5": f1, "pq@0.5": 0.5}
+                for g, n in (("bbbc038", 64), ("sbsst265", 4))]
+        return {"pooled": {"n_images": 68, "dsb_score": dsb, "f1@0.5": f1, "pq@0.5": 0.5}, "by_group": rows,
+                "seen_in_training": 0}
+
+    for name, dsb in (("a", 0.5), ("b", 0.6)):
+        generalist.write(tmp_path / name, {f"{name}, diameter=null": run(dsb, 0.8)}, "cmd", "test")
+    generalist.main(["--merge", str(tmp_path / "a" / "generalist.json"), str(tmp_path / "b" / "generalist.json"),
+                     "--out", str(tmp_path / "both")])
+    md = (tmp_path / "both" / "generalist.md").read_text()
+    assert "| sbsst265 (4) | 0.500 / 0.800 / 0.500 | 0.600 / 0.800 / 0.500 |" in md
+    assert "| all (68) |" in md and len(json.loads((tmp_path / "both" / "generalist.json").read_text())) == 2
