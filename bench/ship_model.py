@@ -111,7 +111,7 @@ def training_data(cfg: dict) -> tuple[list[dict], dict]:
     from cellrcnn.data.sizes import equivalent_diameter
     from cellrcnn.inference.choice import training_profile
 
-    datamodule = instantiate(cfg["data"])
+    datamodule = instantiate(OmegaConf.create(cfg).data)  # within the whole config: ${seed} resolves
     sources, kinds, diameters = [], [], []
     weights = {s.name: s.weight for s in getattr(datamodule, "sources", [])}
     for name, dataset, factors in datamodule.eval_sets("train"):
@@ -153,7 +153,7 @@ def readme(cards: dict[str, dict]) -> str:
                   f"- Model: {card['module']} ({card['parameters'] / 1e6:.1f} M parameters), "
                   f"{card['input_channels']}-channel input" + ("; images with a bright background (brightfield, "
                                                               "H&E) are inverted" if card.get("invert_bright") else ""),
-                  f"- Trained from scratch on: {sources}; each source's held-out split was never seen.",
+                  f"- Trained (from scratch, no ImageNet weights; earlier legs as the command says) on: {sources}; each source's held-out split was never seen.",
                   f"- Training: `{card['training_command']}` ({budget}, {card.get('global_step')} optimiser "
                   "steps" + (f", in {len(legs)} legs" if len(legs) > 1 else "") + ").",
                   f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} (calibrated on "
