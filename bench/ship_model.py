@@ -165,7 +165,8 @@ def readme(cards: dict[str, dict]) -> str:
                   f"{card.get('training_profile', {}).get('object_diameter_px')} px.", ""]
         rows = card.get("heldout_metrics") or {}
         if rows:
-            parts += [f"Held-out images of each source ({card.get('heldout_run', '')}):", "",
+            parts += [f"Held-out (`test`) images of each source, scored by `python bench/generalist.py` "
+                      f"(`evaluate.py data=nuclei_mix split=test`; {card.get('heldout_run', '')}):", "",
                       "| source | images | " + " | ".join(SHOWN) + " |", "|" + "---|" * (len(SHOWN) + 2)]
             for source, r in rows.items():
                 parts.append(f"| {source} | {r['n_images']} | " + " | ".join(

@@ -273,9 +273,9 @@ class AutoSegmenter:
     @property
     def object_diameter(self) -> float | None:
         """The default model's training object size (every shipped model records one)."""
-        from cellrcnn.inference.choice import choose_model
+        from cellrcnn.inference.choice import default_model
 
-        return self.segmenter(choose_model(np.zeros((8, 8), np.uint8), self.models)[0]).object_diameter
+        return self.segmenter(default_model(self.models)).object_diameter
 
     def segment(self, image: np.ndarray | str | Path, channel: int | None = None, **kwargs) -> Result:
         """As :meth:`Segmenter.segment`, with the model chosen from the image's appearance."""

@@ -41,8 +41,13 @@ def choose_model(raw: np.ndarray, available: Iterable[str]) -> tuple[str, str]:
     kind = modality(raw)
     if kind == "H&E" and STAINED_MODEL in names:
         return STAINED_MODEL, "colour-stained image (H&E-like)"
-    default = DEFAULT_MODEL if DEFAULT_MODEL in names else names[0]
-    return default, f"{kind} image"
+    return default_model(names), f"{kind} image"
+
+
+def default_model(available: Iterable[str]) -> str:
+    """The model for images that are not colour-stained: ``nuclei`` when installed."""
+    names = list(available)
+    return DEFAULT_MODEL if DEFAULT_MODEL in names else names[0]
 
 
 def training_profile(modalities: Iterable[str], diameters: Iterable[float]) -> dict:
