@@ -10,6 +10,7 @@ from PIL import Image
 from cellrcnn.io import (
     ImageReadError,
     bright_background,
+    is_stained,
     image_files,
     label_dtype,
     load_image,
@@ -125,6 +126,28 @@ def test_invert_bright_turns_dark_nuclei_on_bright_background_into_bright_ones()
     np.testing.assert_allclose(image, 1.0 - prepare_image(stained, 1), atol=1e-6)
     np.testing.assert_array_equal(prepare_image(fluorescence, 1, invert_bright=True), prepare_image(fluorescence, 1))
     assert prepare_image(stained, 3, invert_bright=True)[:, disks].mean() > 0.5
+
+
+def test_invert_bright_recognises_dense_stained_tissue_and_spares_colour_fluorescence():
+    """H&E tissue that fills most of the field (nuclei dark, stroma mid-tone, a few white holes:
+    median below half the range, as in half of MoNuSeg's fields) is still dark-on-bright; a colour
+    fluorescence composite (bright objects on black) is not, and neither is grey fluorescence."""
+    yy, xx = np.mgrid[:96, :96]
+    nuclei = (((yy % 24) - 12) ** 2 + ((xx % 24) - 12) ** 2) < 64
+    holes = (yy < 10) & (xx < 30)
+    tissue = np.where(nuclei[..., None], [70, 30, 120], [170, 90, 160]).astype(np.uint8)  # purple on pink
+    tissue[holes] = [245, 245, 245]
+    grey = prepare_image(tissue, 1)
+    assert 0.2 < float(np.median(grey)) <= 0.5  # the median rule alone would not invert it
+    assert is_stained(tissue) and bright_background(grey, stained=True) and not bright_background(grey)
+    inverted = prepare_image(tissue, 1, invert_bright=True)[0]
+    assert inverted[nuclei].mean() > inverted[~nuclei & ~holes].mean() + 0.3  # nuclei now bright
+
+    composite = np.zeros((96, 96, 3), np.uint8)
+    composite[nuclei] = [20, 60, 230]  # DAPI in blue, a little green bleed-through
+    assert is_stained(composite)
+    np.testing.assert_array_equal(prepare_image(composite, 1, invert_bright=True), prepare_image(composite, 1))
+    assert not is_stained(np.repeat(tissue.mean(-1, keepdims=True), 3, axis=-1))
 
 
 @pytest.mark.parametrize("top, dtype", [(300, np.uint16), (70_000, np.uint32)])

@@ -290,12 +290,13 @@ def predict_tiled(
 
 def _bright_background(image: np.ndarray, scale: tuple[float, float] | None) -> bool:
     """:func:`cellrcnn.io.bright_background` of the whole image, from a subsample, as the tiles are scaled."""
-    from cellrcnn.io import bright_background
+    from cellrcnn.io import bright_background, is_stained
 
     sample = subsample(image)
+    stained = is_stained(sample, channel_axis=0)
     if scale is not None:
         sample = (sample - scale[0]) / (scale[1] - scale[0])
-    return bright_background(sample)
+    return bright_background(sample, stained=stained)
 
 
 def _merge_tile(canvas: _Canvas, masks: np.ndarray, scores: np.ndarray, wy: slice, wx: slice,
