@@ -64,6 +64,8 @@ TYPES: dict[str, Rule] = {
     "tile_size": POS_INT,
     "tile_overlap": NONNEG_INT,
     "score_threshold": _optional(FRACTION),
+    "tta": ("null, true or false", lambda v: v is None or isinstance(v, bool)),
+    "precision": ("auto, float32 or bfloat16", lambda v: v in ("auto", "float32", "bfloat16")),
     "pixel_size": _optional(POS_NUM),
     "channel": _optional(NONNEG_INT),
     "plane": _optional(NONNEG_INT),

@@ -41,7 +41,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .inference import predict_image
     from .inference.scale import check_diameter, predict_at_diameter
     from .models.postprocess import labels_to_instances
-    from .modules.base import load_module, set_score_threshold
+    from .inference.predictor import set_score_threshold
+    from .modules.base import load_module
     from .viz import overlay_tp_fp_fn, save_png
 
     start = time.perf_counter()

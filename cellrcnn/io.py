@@ -337,6 +337,19 @@ def prepare_image(raw: np.ndarray, channels: int = 3, invert_bright: bool = Fals
     return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
 
 
+def as_hwc(image_raw, shape: tuple[int, int]) -> np.ndarray:
+    """H×W, H×W×C or C×H×W raw image of an H×W ``shape`` -> H×W×C (a view, any dtype kept), or a
+    clear error when it does not match the shape."""
+    image = np.asarray(image_raw)
+    if image.shape == shape:
+        return image[..., None]
+    if image.ndim == 3 and image.shape[:2] == shape:
+        return image
+    if image.ndim == 3 and image.shape[1:] == shape:
+        return np.moveaxis(image, 0, -1)
+    raise ValueError(f"image of shape {image.shape} does not match the label image of shape {shape}")
+
+
 def image_files(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files in a folder, sorted by name, hidden and macOS resource files skipped."""
     folder = Path(folder)

@@ -84,8 +84,7 @@ def flag_anomalies_in_exports(out: Path, images: list[dict], table, formats: set
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
     from .api import Segmenter
-    from .inference import coco_results, measure, write_coco_results, write_exports
-    from .inference.exports import free_stem
+    from .inference.exports import coco_results, free_stem, write_coco_results, write_exports
     from .inference.scale import check_diameter
 
     if cfg.get("threads"):
@@ -96,7 +95,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api);
     # without ckpt_path a shipped model, by default the one that suits each image (model=auto)
     options = {"tile_size": int(cfg.tile_size), "tile_overlap": int(cfg.tile_overlap),
-               "score_threshold": cfg.get("score_threshold")}
+               "score_threshold": cfg.get("score_threshold"), "tta": cfg.get("tta"),
+               "precision": str(cfg.get("precision") or "auto")}
     if cfg.get("ckpt_path"):
         segmenter = Segmenter.from_checkpoint(ckpt_path, **options)
     else:
@@ -129,7 +129,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         image_id = len(summary["images"]) + 1
         objects = coco_results(labels, image_id, scores)
         results += objects
-        table = measure(labels, raw, path.name, scores, cfg.get("pixel_size")) if cfg.get("measure") else None
+        table = None
+        if cfg.get("measure"):  # pandas and scikit-image's region properties only when asked for
+            from .inference.measurements import measure
+
+            table = measure(labels, raw, path.name, scores, cfg.get("pixel_size"))
         if table is not None:
             tables.append(table)
         formats = ("tiff", *cfg.get("exports", ()), *(("overlay",) if cfg.get("overlays", True) else ()))

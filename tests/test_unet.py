@@ -176,6 +176,7 @@ def test_hydra_experiment_builds_the_unet():
 def test_flip_tta_averages_the_flipped_outputs():
     torch.manual_seed(0)
     module = UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}).eval()
+    module.precision = "float32"  # exact arithmetic, to compare with the flips computed here
     image = torch.rand(1, 24, 40)
     probs, dist = module.predict_maps(image, tta=True)
     expected_p, expected_d = 0.0, 0.0
@@ -189,3 +190,22 @@ def test_flip_tta_averages_the_flipped_outputs():
     plain, _ = module.predict_maps(image)
     assert not np.allclose(plain, probs)  # a random net is not flip-invariant: the average differs
     assert UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}, tta=True).hparams["tta"] is True
+
+
+def test_bfloat16_inference_stays_close_to_float32():
+    """bfloat16 autocast changes the arithmetic of the convolutions only: the probabilities it
+    gives stay within a few hundredths of float32's (its accuracy on real images is measured by
+    bench/predict_speed.py)."""
+    torch.manual_seed(0)
+    module = UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}).eval()
+    image = torch.rand(1, 40, 56)
+    module.precision = "float32"
+    exact, exact_d = module.predict_maps(image, tta=True)
+    module.precision = "bfloat16"
+    fast, fast_d = module.predict_maps(image, tta=True)
+    assert fast.dtype == np.float32 and fast.shape == exact.shape
+    assert np.abs(fast - exact).max() < 0.05 and np.abs(fast_d - exact_d).max() < 0.05
+    assert not np.array_equal(fast, exact)  # it did run in bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        module.precision = "half"
+        module.predict_maps(image)

@@ -1,30 +1,31 @@
 """From a trained model to researcher outputs: tiled prediction of large images, per-cell
 measurements, shape-anomaly flags, and exports (label TIFF, COCO results, QuPath GeoJSON,
-ImageJ ROIs, overlay PNGs)."""
+ImageJ ROIs, overlay PNGs).
 
-from cellrcnn.inference.anomaly import AnomalyModel, fit_anomaly_model, score_anomalies
-from cellrcnn.inference.exports import (
-    coco_results,
-    to_geojson,
-    write_coco_results,
-    write_exports,
-    write_geojson,
-    write_imagej_rois,
-    write_label_tiff,
-    write_overlay_png,
-)
-from cellrcnn.inference.measurements import measure, summarize, write_table
-from cellrcnn.inference.tiling import (
-    TiledPrediction,
-    estimate_percentiles,
-    predict_fn_from_label_fn,
-    predict_image,
-    predict_tiled,
-)
+The names below are imported on first use: prediction loads only the submodules it needs
+(measurements and anomaly scores bring pandas, which a plain prediction never touches).
+"""
 
-__all__ = [
-    "AnomalyModel", "TiledPrediction", "coco_results", "estimate_percentiles", "fit_anomaly_model", "measure",
-    "predict_fn_from_label_fn", "predict_image", "predict_tiled", "score_anomalies", "summarize", "to_geojson",
-    "write_coco_results", "write_exports", "write_geojson", "write_imagej_rois", "write_label_tiff",
-    "write_overlay_png", "write_table",
-]
+import importlib
+
+_WHERE = {
+    "AnomalyModel": "anomaly", "fit_anomaly_model": "anomaly", "score_anomalies": "anomaly",
+    "coco_results": "exports", "to_geojson": "exports", "write_coco_results": "exports",
+    "write_exports": "exports", "write_geojson": "exports", "write_imagej_rois": "exports",
+    "write_label_tiff": "exports", "write_overlay_png": "exports",
+    "measure": "measurements", "summarize": "measurements", "write_table": "measurements",
+    "TiledPrediction": "tiling", "estimate_percentiles": "tiling", "predict_fn_from_label_fn": "tiling",
+    "predict_image": "tiling", "predict_tiled": "tiling",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

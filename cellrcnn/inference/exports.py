@@ -20,18 +20,17 @@ pixels of the full image.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 from skimage.measure import find_contours
 
-from cellrcnn.inference.measurements import _intensity_hwc
 from cellrcnn.inference.tiling import estimate_percentiles
-from cellrcnn.io import atomic_write, is_protected, write_label_image
+from cellrcnn.io import as_hwc, atomic_write, is_protected, write_label_image
 
 __all__ = ["free_stem", "write_label_tiff", "coco_results", "write_coco_results", "object_polygons", "to_geojson",
            "write_geojson", "write_imagej_rois", "overlay_outlines", "write_overlay_png", "write_exports"]
@@ -56,7 +55,9 @@ def _objects(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, slice], np.
 def _score_of(scores, label: int) -> float | None:
     if scores is None:
         return None
-    if isinstance(scores, Mapping | pd.Series):
+    # a pandas Series (from a measurements table) is looked up by label; pandas is not imported for it
+    pandas = sys.modules.get("pandas")
+    if isinstance(scores, Mapping) or (pandas is not None and isinstance(scores, pandas.Series)):
         return float(scores[label]) if label in scores else None
     return float(scores[label - 1])
 
@@ -137,7 +138,7 @@ def write_exports(
     image_raw: np.ndarray | None = None,
     scores=None,
     formats: tuple[str, ...] = ("tiff", "overlay"),
-    measurements: pd.DataFrame | None = None,
+    measurements: "pd.DataFrame | None" = None,
 ) -> dict[str, Path]:
     """Write one image's exports into ``out_dir``: ``<stem>.tif`` (label image), ``<stem>.geojson``,
     ``<stem>_rois.zip``, ``<stem>_overlay.png`` (needs ``image_raw``); returns {format: path}."""
@@ -215,7 +216,7 @@ def _closed(ring: np.ndarray) -> list[list[float]]:
 ANOMALY_COLOR = (255, 0, 0)  # cells flagged by the shape-anomaly model, in QuPath and Fiji
 
 
-def anomalous_labels(measurements: pd.DataFrame | None) -> set[int]:
+def anomalous_labels(measurements: "pd.DataFrame | None") -> set[int]:
     """Labels of the rows flagged ``is_anomalous`` (empty without the column)."""
     if measurements is None or "is_anomalous" not in measurements:
         return set()
@@ -227,7 +228,7 @@ def to_geojson(
     object_type: str = "detection",
     classification: str | None = "Nucleus",
     color: tuple[int, int, int] = (255, 200, 0),
-    measurements: pd.DataFrame | None = None,
+    measurements: "pd.DataFrame | None" = None,
     scores=None,
 ) -> dict:
     """QuPath-compatible GeoJSON FeatureCollection, one feature per object.
@@ -272,7 +273,7 @@ def write_geojson(path: str | Path, labels: np.ndarray, **kwargs) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_imagej_rois(path: str | Path, labels: np.ndarray, measurements: pd.DataFrame | None = None) -> Path:
+def write_imagej_rois(path: str | Path, labels: np.ndarray, measurements: "pd.DataFrame | None" = None) -> Path:
     """ImageJ/Fiji ROI set (``.zip``) with one traced polygon ROI per object, named by label;
     cells flagged ``is_anomalous`` in ``measurements`` are named ``<label>-anomalous`` and drawn red."""
     import roifile
@@ -308,7 +309,7 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray, measurements: pd.Dat
 def _normalised_hwc(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Image (H×W, H×W×C or C×H×W, any dtype and range) -> float32 H×W×C in about [0, 1], by the
     1st/99.8th percentiles of the whole image (as the model input), grey or the first 3 channels."""
-    image = _intensity_hwc(image, shape)  # -> H×W×C, or a clear shape error
+    image = as_hwc(image, shape)  # -> H×W×C, or a clear shape error
     lo, hi = estimate_percentiles(np.moveaxis(image, -1, 0))
     image = (image[..., :3].astype(np.float32) - lo) / (hi - lo)
     return image if image.shape[-1] in (1, 3) else image[..., :1]
@@ -326,7 +327,7 @@ def overlay_outlines(image: np.ndarray, labels: np.ndarray, alpha: float = 0.0, 
 
     labels = np.asarray(labels)
     h, w = labels.shape
-    raw = _intensity_hwc(image, (h, w))  # a view of the raw pixels
+    raw = as_hwc(image, (h, w))  # a view of the raw pixels
     lo, hi = estimate_percentiles(np.moveaxis(raw, -1, 0))
     n = int(labels.max()) if labels.size else 0
     colors = bright_colors(n, seed)

@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 from skimage.measure import regionprops_table
 
+from cellrcnn.io import as_hwc
+
 _LENGTHS = ("perimeter", "equivalent_diameter", "major_axis_length", "minor_axis_length")
 _SKIMAGE = {
     "perimeter": "perimeter_crofton",
@@ -40,18 +42,6 @@ _SKIMAGE = {
     "major_axis_length": "axis_major_length",
     "minor_axis_length": "axis_minor_length",
 }
-
-
-def _intensity_hwc(image_raw, shape: tuple[int, int]) -> np.ndarray:
-    """H×W, H×W×C or C×H×W raw image -> H×W×C (any dtype kept)."""
-    image = np.asarray(image_raw)
-    if image.shape == shape:
-        return image[..., None]
-    if image.ndim == 3 and image.shape[:2] == shape:
-        return image
-    if image.ndim == 3 and image.shape[1:] == shape:
-        return np.moveaxis(image, 0, -1)
-    raise ValueError(f"image of shape {image.shape} does not match the label image of shape {shape}")
 
 
 def _score_column(scores, labels: np.ndarray) -> np.ndarray:
@@ -91,7 +81,7 @@ def measure(
              "axis_minor_length", "eccentricity", "solidity"]
     intensity = None
     if image_raw is not None:
-        intensity = _intensity_hwc(image_raw, labels.shape)
+        intensity = as_hwc(image_raw, labels.shape)
         props += ["intensity_mean", "intensity_max"]
     n_channels = 0 if intensity is None else intensity.shape[-1]
     if labels.max(initial=0) > 0:

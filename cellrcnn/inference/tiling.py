@@ -32,9 +32,10 @@ with the 1st/99.8th percentiles of a strided subsample of the whole image (the s
 to grey for a 1-channel model is averaged after scaling, so it can differ slightly from
 ``prepare_image``, which averages first).
 
-Memory: the raw image, the uint32 label image (4 bytes/pixel) and one tile's prediction. The
-latter is the ``predict_fn`` contract's N×h×w masks, ~N MB per 1024² tile, which dominates for
-dense fields: prefer 512-px tiles there (see ``bench/tiled_predict.py``).
+Memory: the raw image, the uint32 label image (4 bytes/pixel) and one tile's prediction: a label
+image (the shipped predictors, :mod:`cellrcnn.inference.predictor`), or for a ``predict_fn`` that
+returns N×h×w masks ~N MB per 1024² tile, which dominates for dense fields: prefer 512-px tiles
+there (see ``bench/tiled_predict.py``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from cellrcnn.io import NORMALISED_LIMIT
@@ -134,20 +136,48 @@ def _tile_tensor(image: np.ndarray, ys: slice, xs: slice, scale: tuple[float, fl
     return torch.from_numpy(np.ascontiguousarray(tile))
 
 
-def _tile_masks(pred: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(N×h×w masks, nonzero = object; float N scores) from one predict_fn output."""
-    masks = pred["masks"]
-    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+class _TileObjects(NamedTuple):
+    """One tile's objects: their boxes (tile pixels, stop exclusive; ``present`` False for an
+    empty one), scores, and ``crop(k)``, object k's bool mask inside its box."""
+
+    y0: np.ndarray
+    y1: np.ndarray
+    x0: np.ndarray
+    x1: np.ndarray
+    present: np.ndarray
+    scores: np.ndarray
+    crop: Callable[[int], np.ndarray]
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _tile_objects(pred: dict) -> _TileObjects:
+    """The objects of one predict_fn output: a ``label_image`` (h×w, objects 1..N, ``scores[k]``
+    of label k+1: no N×h×w masks at all) or ``masks`` (N×h×w, nonzero = object; float
+    probabilities are thresholded at 0.5)."""
+    if "label_image" in pred:
+        labels = _numpy(pred["label_image"])
+        scores = np.asarray(_numpy(pred["scores"]), dtype=np.float64).reshape(-1)
+        slices = ndimage.find_objects(labels, max_label=len(scores))
+        present = np.array([sl is not None for sl in slices], bool)
+        box = np.array([(sl[0].start, sl[0].stop, sl[1].start, sl[1].stop) if sl else (0, 0, 0, 0)
+                        for sl in slices], np.int64).reshape(-1, 4)
+        return _TileObjects(*box.T, present, scores, lambda k: labels[slices[k]] == k + 1)
+    masks = _numpy(pred["masks"])
     if masks.ndim == 4:  # N×1×H×W probability maps
         masks = masks[:, 0]
     if masks.dtype.kind == "f":
         masks = masks > 0.5  # integer masks stay as they are: no N×h×w copy
     scores = pred.get("scores")
-    if scores is None:
-        scores = np.ones(len(masks), np.float32)
-    elif isinstance(scores, torch.Tensor):
-        scores = scores.detach().cpu().numpy()
-    return masks, np.asarray(scores, dtype=np.float64).reshape(-1)
+    scores = np.ones(len(masks), np.float32) if scores is None else _numpy(scores)
+    h, w = masks.shape[1:]
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # N×h, N×w: boxes without N full masks
+    y0, y1 = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
+    x0, x1 = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
+    return _TileObjects(y0, y1, x0, x1, rows.any(axis=1), np.asarray(scores, dtype=np.float64).reshape(-1),
+                        lambda k: masks[k, y0[k] : y1[k], x0[k] : x1[k]] != 0)
 
 
 class _Canvas:
@@ -225,9 +255,11 @@ def predict_tiled(
     Args:
         image: C×H×W (or H×W) numpy array or tensor. Float: already normalised (the model input
             contract). Integer (raw 8/16-bit): normalised here, once for the whole image.
-        predict_fn: ``list[Tensor C×h×w] -> list[dict]`` with ``masks`` (N×h×w, uint8/bool, or
-            float probabilities thresholded at 0.5) and ``scores`` (N); e.g. a LightningModule's
-            ``predict_instances``.
+        predict_fn: ``list[Tensor C×h×w] -> list[dict]`` with ``scores`` (N) and either
+            ``label_image`` (h×w, objects 1..N; a single tile's is returned as it is) or
+            ``masks`` (N×h×w, uint8/bool, or float probabilities thresholded at 0.5); e.g. a
+            predictor's ``predict_labels`` (:mod:`cellrcnn.inference.predictor`) or a
+            LightningModule's ``predict_instances``.
         tile_size: tile height and width in pixels (smaller images run as one tile).
         overlap: minimum overlap between neighbouring tiles in pixels; must exceed the largest
             object's diameter.
@@ -269,14 +301,17 @@ def predict_tiled(
                 for iy, ix in batch
             ]
             preds = predict_fn([_tile_tensor(image, wy, wx, scale, channels, invert) for wy, wx in windows])
+            if len(tiles) == 1 and "label_image" in preds[0]:  # the model's own label image, as it is
+                bar.update(1)
+                return TiledPrediction(_numpy(preds[0]["label_image"]).astype(np.uint32),
+                                       np.asarray(_numpy(preds[0]["scores"]), np.float32).reshape(-1))
             for i, ((iy, ix), (wy, wx)) in enumerate(zip(batch, windows, strict=True)):
-                masks, scores = _tile_masks(preds[i])
-                preds[i] = None  # free the model's N×h×w masks before the next tile
+                objects = _tile_objects(preds[i])
+                preds[i] = None  # free the model's output before the next tile
                 n_cut_owned += _merge_tile(
-                    canvas, masks, scores, wy, wx, own_y[iy], own_x[ix], tol,
-                    (height, width), tile=b + i,
+                    canvas, objects, wy, wx, own_y[iy], own_x[ix], tol, (height, width), tile=b + i,
                 )
-                del masks
+                del objects
             bar.update(len(batch))
     if n_cut_owned:
         warnings.warn(
@@ -299,17 +334,14 @@ def _bright_background(image: np.ndarray, scale: tuple[float, float] | None) -> 
     return bright_background(sample, stained=stained)
 
 
-def _merge_tile(canvas: _Canvas, masks: np.ndarray, scores: np.ndarray, wy: slice, wx: slice,
+def _merge_tile(canvas: _Canvas, objects: _TileObjects, wy: slice, wx: slice,
                 own_y: tuple[float, float], own_x: tuple[float, float], tol: float,
                 shape: tuple[int, int], tile: int) -> int:
     """Select the objects this tile keeps and paste them; return how many owned objects were cut."""
-    if len(masks) == 0:
+    y0, y1, x0, x1, present = objects.y0, objects.y1, objects.x0, objects.x1, objects.present
+    if not present.any():
         return 0
-    h, w = masks.shape[1:]
-    rows, cols = masks.any(axis=2), masks.any(axis=1)  # N×h, N×w: boxes without N full masks
-    present = rows.any(axis=1)
-    y0, y1 = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
-    x0, x1 = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
+    h, w = wy.stop - wy.start, wx.stop - wx.start
     cy, cx = wy.start + (y0 + y1) / 2.0, wx.start + (x0 + x1) / 2.0
     # an edge is "inner" when it is not the image border: objects touching it are cut
     cut = ((y0 == 0) & (wy.start > 0)) | ((y1 == h) & (wy.stop < shape[0]))
@@ -318,8 +350,7 @@ def _merge_tile(canvas: _Canvas, masks: np.ndarray, scores: np.ndarray, wy: slic
     near = (own_y[0] - tol <= cy) & (cy < own_y[1] + tol) & (own_x[0] - tol <= cx) & (cx < own_x[1] + tol)
     keep = present & near & ~cut
     for k in np.flatnonzero(keep):
-        crop = masks[k, y0[k] : y1[k], x0[k] : x1[k]] != 0
-        canvas.paste(crop, wy.start + int(y0[k]), wx.start + int(x0[k]), float(scores[k]), tile)
+        canvas.paste(objects.crop(k), wy.start + int(y0[k]), wx.start + int(x0[k]), float(objects.scores[k]), tile)
     return int((present & owned & cut).sum())
 
 

@@ -18,6 +18,7 @@ cropped back, so validation on full images of odd sizes needs no care from the c
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,9 +122,55 @@ class UNet(nn.Module):
         x = self.dropout(skips.pop())
         for up, dec in zip(self.ups, self.decoders, strict=True):
             skip = skips.pop()
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = dec(torch.cat([skip, up(x)], dim=1))
+            # the 1×1 conv before the up-sampling, not after: both are linear per pixel and the
+            # bilinear weights sum to 1, so the result is the same, but half the channels are
+            # up-sampled and the conv runs at a quarter of the pixels (a tenth of inference time)
+            x = F.interpolate(up(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dec(torch.cat([skip, x], dim=1))
         return {
             "logits": self.class_head(x)[..., :h, :w],
             "distance": self.distance_head(x)[..., :h, :w],
         }
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """C×H×W -> channels×H×W: grayscale is repeated, RGB is averaged to gray."""
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 1:
+        return image.expand(channels, -1, -1)
+    if channels == 1:
+        return image.mean(dim=0, keepdim=True)
+    raise ValueError(f"cannot feed a {image.shape[0]}-channel image to a {channels}-channel U-Net")
+
+
+# test-time augmentation: the image, then its left-right, up-down and both flips
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
+@torch.inference_mode()
+def predict_maps(net: UNet, image: torch.Tensor, flips: int = 1, bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One C×H×W image -> class probabilities (3×H×W) and normalised distance (H×W), float32 numpy.
+
+    Args:
+        net: a :class:`UNet` in eval mode.
+        flips: average over this many of :data:`FLIPS` (1: none; 4: all). The flipped copies run
+            as one batch: a flip is its own inverse, so each output is flipped back and averaged.
+        bf16: run the network under bfloat16 autocast (convolutions in bfloat16, normalisation
+            and the outputs in float32): on CPUs with AVX512-BF16/AMX about 3x faster than float32;
+            see :func:`cellrcnn.inference.predictor.native_bf16`.
+    """
+    if not 1 <= flips <= len(FLIPS):
+        raise ValueError(f"flips must be 1..{len(FLIPS)}, got {flips}")
+    x = image.unsqueeze(0).to(torch.float32)
+    batch = torch.cat([torch.flip(x, dims) if dims else x for dims in FLIPS[:flips]])
+    batch = batch.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = net(batch)
+    probs, dist = out["logits"].float().softmax(dim=1), out["distance"].float().sigmoid()
+    if flips > 1:
+        probs = torch.stack([torch.flip(p, dims) if dims else p for p, dims in zip(probs, FLIPS, strict=False)]).mean(0)
+        dist = torch.stack([torch.flip(d, dims) if dims else d for d, dims in zip(dist, FLIPS, strict=False)]).mean(0)
+    else:
+        probs, dist = probs[0], dist[0]
+    return probs.cpu().numpy(), dist[0].cpu().numpy()

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from ..evaluation.evaluator import Evaluator
+from ..models.checkpoint import MODULE_KEY, TRAINING_IMAGES_KEY, TRAINING_PROFILE_KEY
 
 # Under DDP Lightning asks for sync_dist on epoch-level logs (when it reduces them, after
 # ``self.log``); the evaluator's metrics are already gathered and identical on every rank.
@@ -50,10 +51,6 @@ OPTIM_DEFAULTS: dict[str, Any] = {
 
 # the per-source metrics logged beside the pooled ones (``val/<source>/<metric>``)
 SOURCE_METRICS = ("dsb_score", "f1@0.5", "precision@0.5", "recall@0.5", "pq@0.5", "segm_AP", "dice")
-# checkpoint entry: content digests of the training images (cellrcnn.data.splits.file_digest)
-TRAINING_IMAGES_KEY = "cellrcnn_training_images"
-# checkpoint entry: image count per modality and nucleus diameters seen in training (inference.choice)
-TRAINING_PROFILE_KEY = "cellrcnn_training_profile"
 
 
 def lr_factor(step: int, total: float, cfg: dict[str, Any], time_fraction: float = 0.0) -> float:
@@ -276,22 +273,12 @@ class InstanceSegModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
-        checkpoint["cellrcnn_module"] = f"{cls.__module__}.{cls.__qualname__}"
+        checkpoint[MODULE_KEY] = f"{cls.__module__}.{cls.__qualname__}"
         if getattr(self, "training_images", None):
             checkpoint[TRAINING_IMAGES_KEY] = list(self.training_images)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.training_images = list(checkpoint.get(TRAINING_IMAGES_KEY, []))
-
-
-def set_score_threshold(model: torch.nn.Module, threshold: float | None) -> None:
-    """Override a module's detection score threshold (None leaves it as it is); a module without
-    one (the U-Net decides by its foreground threshold) raises a ValueError."""
-    if threshold is None:
-        return
-    if not hasattr(model, "score_threshold"):
-        raise ValueError(f"{type(model).__name__} has no score threshold to override")
-    model.score_threshold = float(threshold)
 
 
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> InstanceSegModule:
@@ -305,7 +292,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
         raise ValueError(f"{ckpt_path}: not a checkpoint file ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{ckpt_path}: not a cellrcnn checkpoint (holds a {type(checkpoint).__name__})")
-    target = checkpoint.get("cellrcnn_module")
+    target = checkpoint.get(MODULE_KEY)
     if target is None:
         raise ValueError(f"{ckpt_path}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")
     module_name, _, cls_name = target.rpartition(".")

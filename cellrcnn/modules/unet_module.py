@@ -27,7 +27,8 @@ from cellrcnn.models.postprocess import (
     targets_to_unet_maps,
     unet_outputs_to_labels,
 )
-from cellrcnn.models.unet import NUM_CLASSES, UNet
+from cellrcnn.models.precision import use_bf16
+from cellrcnn.models.unet import FLIPS, NUM_CLASSES, UNet, match_channels, predict_maps
 from cellrcnn.modules.base import InstanceSegModule
 
 IGNORE = -100  # class target of padding and of images without masks
@@ -37,17 +38,6 @@ FG_GRID = (0.4, 0.5, 0.6, 0.7)
 H_GRID = (0.02, 0.05, 0.1, 0.2)
 MIN_SCORE_GRID = (0.0, 0.8, 0.85, 0.9)
 BOUNDARY_GRID = (0.0, 0.5, 1.0)
-
-
-def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
-    """C×H×W -> channels×H×W: grayscale is repeated, RGB is averaged to gray."""
-    if image.shape[0] == channels:
-        return image
-    if image.shape[0] == 1:
-        return image.expand(channels, -1, -1)
-    if channels == 1:
-        return image.mean(dim=0, keepdim=True)
-    raise ValueError(f"cannot feed a {image.shape[0]}-channel image to a {channels}-channel U-Net")
 
 
 def encode_batch(
@@ -168,6 +158,7 @@ class UNetModule(InstanceSegModule):
         self.boundary_width = int(boundary_width)
         self.postprocess = postprocess
         self.tta = bool(tta)
+        self.precision = "auto"  # of inference (cellrcnn.models.precision); not a hyper-parameter
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: B×C×H×W -> UNet outputs (``logits`` B×3×H×W, ``distance`` B×1×H×W raw)."""
@@ -182,21 +173,16 @@ class UNetModule(InstanceSegModule):
             self.net(x), classes, distance, self.class_weights, self.dice_weight, self.distance_weight
         )
 
-    @torch.no_grad()
     def predict_maps(self, image: torch.Tensor, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One C×H×W image -> class probabilities (3×H×W) and the distance map (H×W), numpy;
-        averaged over flips when ``tta`` (default: the module's setting)."""
+        averaged over flips when ``tta`` (default: the module's setting), in the module's
+        ``precision`` (:func:`cellrcnn.models.unet.predict_maps`, which prediction runs too)."""
         was_training = self.training
         self.eval()
         try:
-            x = match_channels(image.to(self.device, torch.float32), self.net.in_channels).unsqueeze(0)
-            flips = [[], [-1], [-2], [-2, -1]] if (self.tta if tta is None else tta) else [[]]
-            probs, dist = 0.0, 0.0
-            for dims in flips:  # a flip is its own inverse: flip the input, run, flip the outputs back
-                out = self.net(torch.flip(x, dims))
-                probs = probs + torch.flip(out["logits"].softmax(dim=1), dims)
-                dist = dist + torch.flip(out["distance"].sigmoid(), dims)
-            return (probs[0] / len(flips)).cpu().numpy(), (dist[0, 0] / len(flips)).cpu().numpy()
+            x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
+            flips = len(FLIPS) if (self.tta if tta is None else tta) else 1
+            return predict_maps(self.net, x, flips=flips, bf16=use_bf16(self.precision, self.device))
         finally:
             self.train(was_training)
 

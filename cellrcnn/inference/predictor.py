@@ -1,0 +1,191 @@
+"""Trained models for prediction only: the network and its inference settings, rebuilt from a
+checkpoint without the training stack.
+
+Prediction starts in about the time torch takes to import: it never imports Lightning,
+TensorBoard, the data modules or the evaluation code. The networks are the ones the Lightning
+modules (:mod:`cellrcnn.modules`) train, and the steps after them are the same functions those
+modules validate with (:func:`cellrcnn.models.unet.predict_maps`,
+:func:`cellrcnn.models.postprocess.unet_outputs_to_labels`, :func:`cellrcnn.models.maskrcnn.detect`),
+so training code stays the one source of the model.
+
+A predictor returns a label image per input (``predict_labels``), never N×H×W masks: for a
+1000-nucleus field those would be a gigabyte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellrcnn.models.checkpoint import MODULE_KEY, TRAINING_IMAGES_KEY, TRAINING_PROFILE_KEY, read_checkpoint
+from cellrcnn.models.precision import use_bf16
+
+class Predictor:
+    """What prediction needs from a trained model (the :class:`cellrcnn.api.Segmenter` contract).
+
+    Args:
+        net: the trained network, in eval mode.
+        hparams: the checkpoint's hyper-parameters.
+        checkpoint: the rest of the checkpoint (training images and profile).
+        precision: ``auto`` (bfloat16 where the hardware computes it natively), ``float32`` or
+            ``bfloat16``; see :mod:`cellrcnn.models.precision`.
+    """
+
+    def __init__(self, net: torch.nn.Module, hparams: dict[str, Any], checkpoint: dict[str, Any],
+                 precision: str = "auto") -> None:
+        self.net = net.eval()
+        self.hparams = hparams
+        self.training_images = list(checkpoint.get(TRAINING_IMAGES_KEY, []))
+        # what it trained on, for the out-of-distribution warning (written when a model is shipped)
+        self.training_profile = dict(checkpoint.get(TRAINING_PROFILE_KEY, {}))
+        self.precision = precision
+        use_bf16(precision)  # an unknown precision fails here, not at the first image
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def bf16(self) -> bool:
+        return use_bf16(self.precision, self.device)
+
+    @property
+    def object_diameter(self) -> float | None:
+        """Median diameter in pixels of the training objects; None in older checkpoints."""
+        value = self.hparams.get("object_diameter")
+        return float(value) if value else None
+
+    @property
+    def input_settings(self) -> dict[str, Any]:
+        """How images are prepared for this model (``channels``, ``invert_bright``), as
+        :attr:`cellrcnn.modules.base.InstanceSegModule.input_settings`."""
+        return {"channels": int(dict(self.hparams).get("net", {}).get("in_channels", 3)),
+                "invert_bright": bool(self.hparams.get("invert_bright", False))}
+
+    def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        """Per C×H×W float image: ``label_image`` int32 H×W (objects 1..N) and ``scores``
+        float32 N (``scores[k]`` of label k+1)."""
+        raise NotImplementedError
+
+    def predict_instances(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The instance dicts of the Lightning modules (``masks`` N×H×W, ``boxes``, ``scores``,
+        ``labels``), for code written against them; prefer :meth:`predict_labels`."""
+        from cellrcnn.models.postprocess import labels_to_instances
+
+        return [labels_to_instances(p["label_image"], p["scores"]) for p in self.predict_labels(images)]
+
+
+class UNetPredictor(Predictor):
+    """The U-Net: class and distance maps (flip-averaged when ``tta``), then the seeded watershed
+    with the calibrated thresholds."""
+
+    def __init__(self, net, hparams, checkpoint, precision: str = "auto") -> None:
+        super().__init__(net, hparams, checkpoint, precision)
+        self.tta = bool(hparams.get("tta", False))
+        self.postprocess = dict(hparams.get("postprocess") or {})
+
+    def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        from cellrcnn.models.postprocess import unet_outputs_to_labels
+        from cellrcnn.models.unet import FLIPS, match_channels, predict_maps
+
+        out = []
+        for image in images:
+            x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
+            maps = predict_maps(self.net, x, flips=len(FLIPS) if self.tta else 1, bf16=self.bf16)
+            labels, scores = unet_outputs_to_labels(*maps, **self.postprocess)
+            out.append({"label_image": labels, "scores": scores})
+        return out
+
+
+class MaskRCNNPredictor(Predictor):
+    """Mask R-CNN: detections above the score threshold, their masks painted into one label
+    image (overlaps to the higher score). It runs in float32 whatever ``precision`` says:
+    torchvision's detection heads are not validated under bfloat16 autocast."""
+
+    def __init__(self, net, hparams, checkpoint, precision: str = "auto") -> None:
+        super().__init__(net, hparams, checkpoint, precision)
+        self.score_threshold = float(hparams.get("score_threshold", 0.5))
+        self.mask_threshold = float(hparams.get("mask_threshold", 0.5))
+
+    @property
+    def score_threshold(self) -> float:
+        return float(self.net.roi_heads.score_thresh)
+
+    @score_threshold.setter
+    def score_threshold(self, value: float) -> None:
+        self.net.roi_heads.score_thresh = float(value)
+
+    @property
+    def bf16(self) -> bool:
+        return False
+
+    @torch.inference_mode()
+    def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        from cellrcnn.data.masks import object_slices
+        from cellrcnn.models.maskrcnn import detect, paste_label_image
+
+        out = []
+        for det, image in zip(detect(self.net, [im.to(self.device, torch.float32) for im in images]), images,
+                              strict=True):
+            scores = det["scores"].float().cpu()
+            labels = paste_label_image(det["mask_probs"], det["boxes"].float().cpu(), scores,
+                                       tuple(image.shape[-2:]), self.mask_threshold)
+            ids, compact, _ = object_slices(labels)  # detections whose pixels all went to others vanish
+            out.append({"label_image": compact.astype(np.int32, copy=False),
+                        "scores": scores.numpy()[ids - 1].astype(np.float32)})
+        return out
+
+
+def set_score_threshold(model, threshold: float | None) -> None:
+    """Override a module's detection score threshold (None leaves it as it is); a module without
+    one (the U-Net decides by its foreground threshold) raises a ValueError."""
+    if threshold is None:
+        return
+    if not hasattr(model, "score_threshold"):
+        raise ValueError(f"{type(model).__name__} has no score threshold to override")
+    model.score_threshold = float(threshold)
+
+
+def _build_unet(hparams: dict[str, Any]) -> torch.nn.Module:
+    from cellrcnn.models.unet import UNet
+
+    return UNet(**dict(hparams.get("net") or {}))
+
+
+def _build_maskrcnn(hparams: dict[str, Any]) -> torch.nn.Module:
+    from cellrcnn.models.maskrcnn import build_maskrcnn
+
+    # the trained weights come from the checkpoint: no backbone weights file is read
+    return build_maskrcnn(**{**dict(hparams.get("net") or {}), "backbone_weights": None})
+
+
+# the Lightning module a checkpoint names -> its network and predictor
+PREDICTORS = {
+    "UNetModule": (_build_unet, UNetPredictor),
+    "MaskRCNNModule": (_build_maskrcnn, MaskRCNNPredictor),
+}
+
+
+def load_predictor(path: str | Path, precision: str = "auto") -> Predictor:
+    """Rebuild a trained model for prediction from its checkpoint alone (the network's class and
+    hyper-parameters are stored in it)."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a cellrcnn checkpoint (holds a {type(checkpoint).__name__})")
+    target = checkpoint.get(MODULE_KEY)
+    if target is None:
+        raise ValueError(f"{path}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")
+    kind = str(target).rpartition(".")[2]
+    if kind not in PREDICTORS:
+        raise ValueError(f"{path}: a {kind} checkpoint; prediction knows {', '.join(PREDICTORS)}")
+    build, predictor = PREDICTORS[kind]
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    net = build(hparams)
+    # the module's weights are those of its ``net`` attribute
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return predictor(net, hparams, checkpoint, precision)
