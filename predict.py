@@ -1,4 +1,4 @@
-"""Segment images: python predict.py ckpt_path=CKPT input=FILE_OR_DIR output=DIR (cellrcnn/conf/predict.yaml)."""
+"""Segment images: python predict.py ckpt_path=CKPT input=FILE_OR_DIR output=DIR (cellrcnn/conf_predict/predict.yaml)."""
 
 from cellrcnn.cli import predict as main
 

@@ -92,7 +92,7 @@ def evaluate() -> None:
     _evaluate()
 
 
-@hydra.main(config_name="predict", **_HYDRA)
+@hydra.main(config_name="predict", version_base="1.3", config_path="conf_predict")
 def predict(cfg: DictConfig) -> int:
     """Returns the number of images segmented."""
     with user_errors("predict"):

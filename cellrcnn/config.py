@@ -12,6 +12,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+# prediction's config stands alone: training's ``model`` group would capture ``model=nuclei``
+PREDICT_CONF_DIR = Path(__file__).resolve().parent / "conf_predict"
+
+
+def config_dir(config_name: str) -> Path:
+    """The folder that holds ``<config_name>.yaml``."""
+    return PREDICT_CONF_DIR if config_name == "predict" else CONF_DIR
 
 
 def compose_config(
@@ -27,7 +34,7 @@ def compose_config(
     from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir(config_name)), version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(Path(output_dir or Path.cwd()).resolve())

@@ -47,6 +47,13 @@ def check_predict(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not Path(str(cfg.ckpt_path)).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
                          "train.py writes them to outputs/<name>/<time>/checkpoints/; omit ckpt_path for the shipped model")
+    if not cfg.get("ckpt_path"):
+        from .api import available_models
+
+        shipped = available_models()
+        if str(cfg.get("model") or "auto") not in ("auto", *shipped):
+            raise UsageError(f"model={cfg.model}: no such shipped model",
+                             f"choose auto, {', '.join(shipped) or '(none installed)'}, or pass ckpt_path= for a model you trained")
     if cfg.get("anomaly") and not cfg.get("measure"):
         raise UsageError("anomaly=true flags cells by their shape measurements, which measure=false does not compute",
                          "add measure=true")

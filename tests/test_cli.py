@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cellrcnn.config import CONF_DIR
+from cellrcnn.config import config_dir
 
 
 def cellrcnn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def cellrcnn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def top_level_keys(config: str) -> set[str]:
-    return {k for k in yaml.safe_load((CONF_DIR / f"{config}.yaml").read_text()) if k not in ("defaults", "hydra")}
+    return {k for k in yaml.safe_load((config_dir(config) / f"{config}.yaml").read_text()) if k not in ("defaults", "hydra")}
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate", "train"])
@@ -47,6 +47,14 @@ def test_help_of_the_other_commands_has_an_example(command, tmp_path):
     assert f"usage: cellrcnn {command}" in proc.stdout and f"cellrcnn {command} " in proc.stdout.split("usage:")[1][20:]
 
 
+def test_predict_chooses_a_shipped_model_by_name(tmp_path):
+    """``model=nuclei`` is prediction's own option, not training's ``model`` config group."""
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ok.png")
+    proc = cellrcnn("predict", "input=ok.png", "output=o", "model=nuclei", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "o" / "predictions.json").read_text())["images"][0]["model"] == "nuclei"
+
+
 def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
@@ -62,6 +70,8 @@ def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
         ("input=ok.png", "output=o", "ckpt_path=nothere.ckpt"): "no such checkpoint",
         ("input=ok.png", "output=o", "diameter=-3"): "diameter is the objects' typical diameter",
         ("input=ok.png", "output=o", "exports=[svg]"): "unknown format",
+        ("input=ok.png", "output=o", "model=nuclei_xl"): "no such shipped model",
+        ("input=ok.png", "output=o", "precision=half"): "auto, float32 or bfloat16",
     }
     for args, message in cases.items():
         proc = cellrcnn("predict", *args, "hydra.run.dir=run", cwd=tmp_path)
