@@ -26,6 +26,20 @@ from omegaconf import DictConfig
 _HYDRA = {"version_base": "1.3", "config_path": "conf"}
 
 
+def yielding_threads() -> None:
+    """Let waiting OpenMP threads sleep instead of spinning, for prediction and evaluation.
+
+    With spinning threads (the OpenMP default) and torch's default of one thread per core, any
+    other process on one of the cores stalls every parallel step: the thread sharing that core
+    waits its turn while its partner spins (bench/predict_speed.py measures it under load). It
+    takes effect only before torch loads OpenMP; a user's own ``OMP_WAIT_POLICY`` wins.
+    """
+    import os
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @contextlib.contextmanager
 def user_errors(command: str):
     """Mistakes the user can fix from the message (a wrong option, a missing file or dataset, an
@@ -73,6 +87,7 @@ def train(cfg: DictConfig) -> float:
 @hydra.main(config_name="evaluate", **_HYDRA)
 def _evaluate(cfg: DictConfig) -> float:
     """Returns the dsb_score of the evaluated split."""
+    yielding_threads()
     with user_errors("evaluate"):
         from cellrcnn.preflight import check_evaluate
 
@@ -95,6 +110,7 @@ def evaluate() -> None:
 @hydra.main(config_name="predict", version_base="1.3", config_path="conf_predict")
 def predict(cfg: DictConfig) -> int:
     """Returns the number of images segmented."""
+    yielding_threads()
     with user_errors("predict"):
         from cellrcnn.preflight import check_predict
 

@@ -61,7 +61,7 @@ TYPES: dict[str, Rule] = {
     "model.optim.warmup_steps": NONNEG_INT,
     "model.score_threshold": FRACTION,
     "model.mask_threshold": FRACTION,
-    "tile_size": POS_INT,
+    "tile_size": _optional(POS_INT),
     "tile_overlap": NONNEG_INT,
     "score_threshold": _optional(FRACTION),
     "tta": ("null, true or false", lambda v: v is None or isinstance(v, bool)),

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds an upload may send nothing before it is dropped (408)")
     p.add_argument("--cache-megapixels", type=float, default=32.0,
                    help="label images of recent requests kept in memory, so downloads do not segment again (0: off)")
-    p.add_argument("--tile-size", type=int, default=1024, help="larger images are predicted in tiles of this size")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="larger images are predicted in tiles of this size (default: the model's own)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     return p
 

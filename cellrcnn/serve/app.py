@@ -49,7 +49,7 @@ class ServeSettings:
     max_megapixels: float = 50.0  # image size, checked from the file header before decoding
     workers: int = 1  # images segmented at the same time
     max_queue: int = 8  # further images admitted to wait; beyond: 503 + Retry-After
-    tile_size: int = 1024
+    tile_size: int | None = None  # None: the model's own (cellrcnn.api.Segmenter)
     tile_overlap: int = 128
     cache_megapixels: float = 32.0  # label images of recent requests kept in memory for their downloads
     upload_idle_timeout_s: float = 60.0  # an upload that sends nothing for this long is dropped (408)
