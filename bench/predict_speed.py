@@ -81,7 +81,7 @@ def run_predict(input_dir: Path, out: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path) -> dict:
+def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path, timed: bool = True) -> dict:
     from cellrcnn.evaluation.matching import dsb_score
     from cellrcnn.io import read_label_image
 
@@ -89,7 +89,9 @@ def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path) 
     first = next(iter(sets["256x256"]))
     run_predict(folder_of([first], work / "warmup"), work / "warmup_out", base)  # model load, first-call costs
     speed = {}
-    for size, images in sets.items():
+    for size, images in (sets.items() if timed else ()):
+        if size not in SIZES:
+            continue
         out = work / f"out_{size}"
         seconds = run_predict(folder_of(images, work / f"in_{size}"), out, base)
         mp = sum(im["height"] * im["width"] for im in images) / 1e6
@@ -195,7 +197,7 @@ def markdown(label: str, results: dict, command: str) -> str:
         big = r.get("large", {})
         load = r.get("under_load", {})
         lines.append(
-            f"| {key} | " + " | ".join(f"{sp[s]['s_per_image']} ({sp[s]['mp_per_s']})" for s in SIZES)
+            f"| {key} | " + " | ".join(f"{sp[s]['s_per_image']} ({sp[s]['mp_per_s']})" if s in sp else "–" for s in SIZES)
             + f" | {r['dsb_score'].get('bbbc038', '–')} | {r['dsb_score'].get('sbsst265', '–')}"
             + f" | {r.get('cold', {}).get('predict_512_s', '–')}"
             + f" | {big.get('wall_s', '–')} / {big.get('peak_rss_mb', '–')}"
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="NAME:key=value,key=value predict.py overrides (repeatable; default 'default:')")
     p.add_argument("--threads", type=int, default=None, help="threads=N for every run (default: predict.py's)")
     p.add_argument("--big", type=int, default=8000, help="side of the large field (0: skip)")
-    p.add_argument("--skip", default="", help="comma-separated: cold, large, load")
+    p.add_argument("--skip", default="", help="comma-separated: speed (warm timing), cold, large, load")
     p.add_argument("--data", type=Path, default=REPO / "datasets" / "coco")
     p.add_argument("--label", default="after")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict_speed")
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
                 key = f"{model}, {name}"
                 print(f"== {key}: {overrides}", flush=True)
                 sub = work / f"{model}_{name}"
-                r = warm_and_accuracy(model, overrides, {**speed_sets, "_by_source": sets["_by_source"]}, sub)
+                r = warm_and_accuracy(model, overrides, {**speed_sets, "_by_source": sets["_by_source"]}, sub,
+                                      timed="speed" not in skip)
                 if "cold" not in skip:
                     r["cold"] = cold_start(model, overrides, sets["256x256"][0]["path"], sub)
                 if field is not None:

@@ -29,13 +29,22 @@ import numpy as np
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-__all__ = ["AutoSegmenter", "Result", "Segmenter", "available_models", "model_card", "WEIGHTS_DIR"]
+__all__ = ["AutoSegmenter", "Result", "Segmenter", "available_models", "checkpoint_path", "model_card", "WEIGHTS_DIR"]
 
 
 def available_models(weights_dir: str | Path | None = None) -> dict[str, Path]:
     """``{name: checkpoint path}`` of the shipped models (every ``<name>.ckpt`` in ``weights_dir``)."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     return {p.stem: p for p in sorted(folder.glob("*.ckpt"))} if folder.is_dir() else {}
+
+
+def checkpoint_path(name_or_path: str | Path) -> Path:
+    """A checkpoint file, or the file of the shipped model of that name (``nuclei``, ...): what
+    ``evaluate.py ckpt_path=`` accepts."""
+    path = Path(name_or_path)
+    if not path.is_file() and str(name_or_path) in available_models():
+        return available_models()[str(name_or_path)]
+    return path
 
 
 def model_card(name: str, weights_dir: str | Path | None = None) -> dict[str, Any]:

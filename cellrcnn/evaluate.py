@@ -40,8 +40,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .evaluation.groups import breakdown, breakdown_table, image_groups
     from .inference import predict_image
     from .inference.scale import check_diameter, predict_at_diameter
-    from .models.postprocess import labels_to_instances
     from .inference.predictor import set_score_threshold
+    from .models.postprocess import labels_to_instances
     from .modules.base import load_module
     from .viz import overlay_tp_fp_fn, save_png
 
@@ -50,7 +50,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_module(cfg.ckpt_path)
+    from .api import checkpoint_path
+
+    model = load_module(checkpoint_path(cfg.ckpt_path))  # a file, or a shipped model's name
     set_score_threshold(model, cfg.get("score_threshold"))
     datamodule = instantiate(cfg.data, **input_settings(model))
     datamodule.prepare_data()

@@ -70,10 +70,13 @@ def check_predict(cfg: DictConfig) -> None:
 def check_evaluate(cfg: DictConfig) -> None:
     """``cellrcnn evaluate``: the checkpoint exists and the diameter option is valid."""
     check_types(cfg)
-    require_values(cfg, "evaluate", ckpt_path="the trained model (a .ckpt file)")
-    if not Path(str(cfg.ckpt_path)).is_file():
+    from .api import available_models, checkpoint_path
+
+    require_values(cfg, "evaluate", ckpt_path="the trained model (a .ckpt file) or a shipped model's name")
+    if not checkpoint_path(str(cfg.ckpt_path)).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
-                         "train.py writes them to outputs/<name>/<time>/checkpoints/ (calibrated.ckpt, last.ckpt)")
+                         "train.py writes them to outputs/<name>/<time>/checkpoints/ (calibrated.ckpt, last.ckpt); "
+                         f"shipped models: {', '.join(available_models()) or 'none installed'}")
     diameter = cfg.get("diameter")
     check_diameter_value(None if diameter == "gt" else diameter)  # gt: each image at its annotated size
 
