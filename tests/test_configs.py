@@ -54,4 +54,4 @@ def test_evaluate_and_predict_configs_compose(tmp_path):
     cfg = compose_config("evaluate", ["ckpt_path=x.ckpt", "data=bbbc038"], tmp_path)
     assert cfg.data.root == "datasets/coco/bbbc038" and cfg.split == "test"
     cfg = compose_config("predict", ["input=a.png", f"output={tmp_path}"], tmp_path)
-    assert cfg.ckpt_path is None and cfg.tile_size >= 256
+    assert cfg.ckpt_path is None and cfg.tile_size is None and cfg.precision == "auto"  # the model's own tiles

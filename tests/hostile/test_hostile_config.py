@@ -21,7 +21,7 @@ from cellrcnn.errors import UsageError
     ("train", "data.crop_size=0", "data.crop_size=0: expected null or a positive integer"),
     ("train", "model.optim.lr=fast", "model.optim.lr='fast': expected a positive number"),
     ("train", "trainer.max_steps=1.5", "trainer.max_steps=1.5: expected an integer"),
-    ("predict", "tile_size=abc", "tile_size='abc': expected a positive integer"),
+    ("predict", "tile_size=abc", "tile_size='abc': expected null or a positive integer"),
     ("predict", "channel=-1", "channel=-1: expected null or an integer >= 0"),
     ("evaluate", "score_threshold=2", "score_threshold=2: expected null or a number from 0 to 1"),
 ])
