@@ -15,7 +15,8 @@ For every model and setting (predict.py overrides), on the held-out annotated im
 - **large field**: ``predict.py`` on a ``--big``² 16-bit field tiled from the held-out
   fluorescence images: wall time and peak resident memory of the process (``os.wait4``);
 - **threads under load**: the 520×696 folder with ``threads=1`` and ``threads=2`` while another
-  process keeps one core busy.
+  process keeps one core busy (idle OpenMP threads sleep, as in ``cellrcnn predict``; run with
+  ``OMP_WAIT_POLICY=ACTIVE`` to measure spinning ones).
 
 Results: ``<out>/<label>.json`` and a Markdown table ``<out>/<label>.md``. The same script runs
 against an older checkout (``PYTHONPATH=<old tree> python bench/predict_speed.py --label before
@@ -35,6 +36,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# as `cellrcnn predict` does before torch loads (a user's OMP_WAIT_POLICY=ACTIVE measures spinning threads)
+try:
+    from cellrcnn.cli import yielding_threads
+
+    yielding_threads()
+except ImportError:  # an older checkout (PYTHONPATH=<old tree>): its own behaviour
+    pass
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"256x256": lambda h, w: (h, w) == (256, 256), "520x696": lambda h, w: (h, w) == (520, 696),
@@ -72,6 +81,11 @@ def folder_of(images: list[dict], folder: Path) -> Path:
     return folder
 
 
+def model_arg(model: str) -> list[str]:
+    """predict.py's model option; none for ``auto`` (the default, also of versions without the option)."""
+    return [] if model == "auto" else [f"model={model}"]
+
+
 def run_predict(input_dir: Path, out: Path, overrides: list[str]) -> float:
     from cellrcnn.config import compose_config
     from cellrcnn.predict import run
@@ -85,7 +99,7 @@ def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path, 
     from cellrcnn.evaluation.matching import dsb_score
     from cellrcnn.io import read_label_image
 
-    base = [f"model={model}", *overrides]
+    base = [*model_arg(model), *overrides]
     first = next(iter(sets["256x256"]))
     run_predict(folder_of([first], work / "warmup"), work / "warmup_out", base)  # model load, first-call costs
     speed = {}
@@ -125,7 +139,7 @@ def cold_start(model: str, overrides: list[str], image: Path, work: Path, repeat
     Image.fromarray(np.pad(arr, [(0, max(0, 512 - arr.shape[0])), (0, max(0, 512 - arr.shape[1]))]
                            + [(0, 0)] * (arr.ndim - 2), mode="reflect")[:512, :512]).save(small)
     runs = [timed_process([sys.executable, "predict.py", f"input={small}", f"output={work / 'cold_out'}",
-                           f"model={model}", *overrides])[0] for _ in range(repeats)]
+                           *model_arg(model), *overrides])[0] for _ in range(repeats)]
     torch_only = [timed_process([sys.executable, "-c", "import torch"])[0] for _ in range(repeats)]
     return {"predict_512_s": round(statistics.median(runs), 2), "import_torch_s": round(statistics.median(torch_only), 2)}
 
@@ -167,7 +181,7 @@ def big_field(size: int, images: list[dict], work: Path) -> Path:
 
 def large(model: str, overrides: list[str], field: Path, work: Path) -> dict:
     wall, rss, status = timed_process([sys.executable, "predict.py", f"input={field}", f"output={work / 'big_out'}",
-                                       f"model={model}", *overrides])
+                                       *model_arg(model), *overrides])
     info = json.loads((work / "big_out" / "predictions.json").read_text())["images"][0] if status == 0 else {}
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(rss), "exit": status, "objects": info.get("n_objects")}
 
@@ -178,7 +192,7 @@ def under_load(model: str, overrides: list[str], images: list[dict], work: Path)
     try:
         out = {}
         for threads in (1, 2):
-            over = [f"model={model}", *overrides, f"threads={threads}"]
+            over = [*model_arg(model), *overrides, f"threads={threads}"]
             run_predict(folder_of(images[:1], work / "load_warm"), work / "load_warm_out", over)
             seconds = run_predict(folder_of(images, work / "load_in"), work / f"load_out_{threads}", over)
             out[f"threads={threads}"] = round(seconds / len(images), 3)

@@ -138,11 +138,12 @@ class Segmenter:
             None: the model's own (``preferred_tile_size``: 2048 for the U-Net, 1024 for Mask R-CNN).
         tile_overlap: overlap of the tiles in pixels; must exceed the largest object's diameter.
         score_threshold: override the checkpoint's detection score threshold (Mask R-CNN).
-        tta: override the checkpoint's test-time flips (U-Net): False is about 4x faster.
+        tta: override the checkpoint's test-time flips (U-Net): True (all four views), False (about
+            4x faster), or the number of views 1-4 (:func:`cellrcnn.models.unet.flip_count`).
     """
 
     def __init__(self, module, name: str = "", checkpoint: str | Path | None = None, tile_size: int | None = None,
-                 tile_overlap: int = 128, score_threshold: float | None = None, tta: bool | None = None):
+                 tile_overlap: int = 128, score_threshold: float | None = None, tta: bool | int | None = None):
         from cellrcnn.inference.predictor import set_score_threshold
 
         self.module = module
@@ -154,7 +155,10 @@ class Segmenter:
         if tta is not None:
             if not hasattr(module, "tta"):
                 raise ValueError(f"{type(module).__name__} has no test-time augmentation to switch")
-            module.tta = bool(tta)
+            from cellrcnn.models.unet import flip_count
+
+            flip_count(tta)  # a wrong value fails here, not at the first image
+            module.tta = tta
         self.settings = dict(module.input_settings)  # channels, and inversion of bright backgrounds
 
     @classmethod

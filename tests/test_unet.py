@@ -209,3 +209,21 @@ def test_bfloat16_inference_stays_close_to_float32():
     with pytest.raises(ValueError, match="precision"):
         module.precision = "half"
         module.predict_maps(image)
+
+
+def test_tta_takes_a_number_of_views():
+    """tta=2 averages the image and its half-turn; True is all four views, False one."""
+    from cellrcnn.models.unet import flip_count
+
+    torch.manual_seed(0)
+    module = UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}).eval()
+    module.precision = "float32"
+    image = torch.rand(1, 24, 40)
+    probs, _ = module.predict_maps(image, tta=2)
+    with torch.no_grad():
+        a = module.net(image[None])["logits"].softmax(1)[0]
+        b = torch.flip(module.net(torch.flip(image[None], [-2, -1]))["logits"].softmax(1)[0], [-2, -1])
+    np.testing.assert_allclose(probs, ((a + b) / 2).numpy(), atol=1e-6)
+    assert [flip_count(v) for v in (True, False, 1, 2, 4)] == [4, 1, 1, 2, 4]
+    with pytest.raises(ValueError, match="number of views"):
+        flip_count(5)

@@ -88,17 +88,17 @@ class UNetPredictor(Predictor):
 
     def __init__(self, net, hparams, checkpoint, precision: str = "auto") -> None:
         super().__init__(net, hparams, checkpoint, precision)
-        self.tta = bool(hparams.get("tta", False))
+        self.tta: bool | int = bool(hparams.get("tta", False))  # or a number of views (flip_count)
         self.postprocess = dict(hparams.get("postprocess") or {})
 
     def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         from cellrcnn.models.postprocess import unet_outputs_to_labels
-        from cellrcnn.models.unet import FLIPS, match_channels, predict_maps
+        from cellrcnn.models.unet import flip_count, match_channels, predict_maps
 
         out = []
         for image in images:
             x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
-            maps = predict_maps(self.net, x, flips=len(FLIPS) if self.tta else 1, bf16=self.bf16)
+            maps = predict_maps(self.net, x, flips=flip_count(self.tta), bf16=self.bf16)
             labels, scores = unet_outputs_to_labels(*maps, **self.postprocess)
             out.append({"label_image": labels, "scores": scores})
         return out

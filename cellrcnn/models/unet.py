@@ -144,8 +144,18 @@ def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot feed a {image.shape[0]}-channel image to a {channels}-channel U-Net")
 
 
-# test-time augmentation: the image, then its left-right, up-down and both flips
-FLIPS = ((), (-1,), (-2,), (-2, -1))
+# test-time augmentation: the image, its half-turn (both flips), then its left-right and up-down
+# flips; ``tta=2`` takes the first two, which differ the most
+FLIPS = ((), (-2, -1), (-1,), (-2,))
+
+
+def flip_count(tta: bool | int) -> int:
+    """Views averaged for a ``tta`` setting: True all of :data:`FLIPS`, False 1, an integer itself."""
+    if isinstance(tta, bool):
+        return len(FLIPS) if tta else 1
+    if not 1 <= int(tta) <= len(FLIPS):
+        raise ValueError(f"tta must be true, false or a number of views 1..{len(FLIPS)}, got {tta}")
+    return int(tta)
 
 
 @torch.inference_mode()
@@ -154,23 +164,23 @@ def predict_maps(net: UNet, image: torch.Tensor, flips: int = 1, bf16: bool = Fa
 
     Args:
         net: a :class:`UNet` in eval mode.
-        flips: average over this many of :data:`FLIPS` (1: none; 4: all). The flipped copies run
-            as one batch: a flip is its own inverse, so each output is flipped back and averaged.
+        flips: average over this many of :data:`FLIPS` (1: none; 4: all). The views run one after
+            the other (a batch of them is no faster on a CPU and needs their memory at once); a
+            flip is its own inverse, so each output is flipped back and averaged.
         bf16: run the network under bfloat16 autocast (convolutions in bfloat16, normalisation
             and the outputs in float32): on CPUs with AVX512-BF16/AMX about 3x faster than float32;
-            see :func:`cellrcnn.inference.predictor.native_bf16`.
+            see :func:`cellrcnn.models.precision.native_bf16`.
     """
     if not 1 <= flips <= len(FLIPS):
         raise ValueError(f"flips must be 1..{len(FLIPS)}, got {flips}")
     x = image.unsqueeze(0).to(torch.float32)
-    batch = torch.cat([torch.flip(x, dims) if dims else x for dims in FLIPS[:flips]])
-    batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = net(batch)
-    probs, dist = out["logits"].float().softmax(dim=1), out["distance"].float().sigmoid()
-    if flips > 1:
-        probs = torch.stack([torch.flip(p, dims) if dims else p for p, dims in zip(probs, FLIPS, strict=False)]).mean(0)
-        dist = torch.stack([torch.flip(d, dims) if dims else d for d, dims in zip(dist, FLIPS, strict=False)]).mean(0)
-    else:
-        probs, dist = probs[0], dist[0]
+    probs, dist = 0.0, 0.0
+    for dims in FLIPS[:flips]:
+        view = (torch.flip(x, dims) if dims else x).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(view.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = net(view)
+        p, d = out["logits"].float().softmax(dim=1)[0], out["distance"].float().sigmoid()[0]
+        probs = probs + (torch.flip(p, dims) if dims else p)
+        dist = dist + (torch.flip(d, dims) if dims else d)
+    probs, dist = probs / flips, dist / flips
     return probs.cpu().numpy(), dist[0].cpu().numpy()

@@ -28,7 +28,7 @@ from cellrcnn.models.postprocess import (
     unet_outputs_to_labels,
 )
 from cellrcnn.models.precision import use_bf16
-from cellrcnn.models.unet import FLIPS, NUM_CLASSES, UNet, match_channels, predict_maps
+from cellrcnn.models.unet import NUM_CLASSES, UNet, flip_count, match_channels, predict_maps
 from cellrcnn.modules.base import InstanceSegModule
 
 IGNORE = -100  # class target of padding and of images without masks
@@ -181,7 +181,7 @@ class UNetModule(InstanceSegModule):
         self.eval()
         try:
             x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
-            flips = len(FLIPS) if (self.tta if tta is None else tta) else 1
+            flips = flip_count(self.tta if tta is None else tta)
             return predict_maps(self.net, x, flips=flips, bf16=use_bf16(self.precision, self.device))
         finally:
             self.train(was_training)
