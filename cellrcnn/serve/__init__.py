@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, load the model and run uvicorn until interrupted; returns the exit code."""
     args = parser().parse_args(argv)
+    from cellrcnn.cli import yielding_threads
+
+    yielding_threads()  # before torch loads OpenMP: a busy core must not stall every request
     import torch
     import uvicorn
 
