@@ -19,7 +19,8 @@ def _he() -> np.ndarray:
 
 
 def test_stained_images_go_to_the_stained_model_when_installed():
-    assert choose_model(_he(), ["nuclei", "nuclei_he"])[0] == "nuclei_he"
+    name, reason = choose_model(_he(), ["nuclei", "nuclei_he"])
+    assert name == "nuclei_he" and "non-commercial" in reason  # its licence travels with the choice
     assert choose_model(_fluorescence(), ["nuclei", "nuclei_he"]) == ("nuclei", "fluorescence image")
     assert choose_model(_he(), ["nuclei"])[0] == "nuclei"
     with pytest.raises(ValueError, match="ckpt_path"):

@@ -40,7 +40,9 @@ def choose_model(raw: np.ndarray, available: Iterable[str]) -> tuple[str, str]:
         raise ValueError("no shipped model is installed (cellrcnn/weights/*.ckpt); give ckpt_path=")
     kind = modality(raw)
     if kind == "H&E" and STAINED_MODEL in names:
-        return STAINED_MODEL, "colour-stained image (H&E-like)"
+        # its training data (MoNuSeg) is CC BY-NC-SA: say so wherever the choice is recorded
+        return STAINED_MODEL, ("colour-stained image (H&E-like); nuclei_he's weights are for non-commercial "
+                               "use (trained on CC BY-NC-SA 4.0 data): model=nuclei for commercial work")
     return default_model(names), f"{kind} image"
 
 
