@@ -135,7 +135,8 @@ class Segmenter:
         name: shown in results and by the service (shipped model name or checkpoint file name).
         checkpoint: where it was loaded from.
         tile_size: images larger than this (pixels, either side) are predicted in overlapping tiles;
-            None: the model's own (``preferred_tile_size``: 2048 for the U-Net, 1024 for Mask R-CNN).
+            None: the model's own (``preferred_tile_size``, 1024 px; the U-Net predicts images up to
+            1536 px in one piece, ``whole_image_up_to``).
         tile_overlap: overlap of the tiles in pixels; must exceed the largest object's diameter.
         score_threshold: override the checkpoint's detection score threshold (Mask R-CNN).
         tta: override the checkpoint's test-time flips (U-Net): True (all four views), False (about
@@ -150,6 +151,8 @@ class Segmenter:
         self.name = name
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.tile_size = int(tile_size or getattr(module, "preferred_tile_size", 1024))
+        # without a tile_size of the user's, an image up to the model's whole_image_up_to goes in one piece
+        self.whole_image_up_to = self.tile_size if tile_size else getattr(module, "whole_image_up_to", self.tile_size)
         self.tile_overlap = int(tile_overlap)
         set_score_threshold(module, score_threshold)
         if tta is not None:
@@ -196,7 +199,9 @@ class Segmenter:
         # with whole-image percentiles (cellrcnn.inference.tiling)
         # a predictor's label images (cellrcnn.inference.predictor), or a Lightning module's instances
         predict_fn = getattr(self.module, "predict_labels", None) or self.module.predict_instances
-        return predict_image(raw, predict_fn, tile_size=self.tile_size, overlap=self.tile_overlap,
+        side = max(np.shape(raw)[:2])
+        tile_size = side if side <= self.whole_image_up_to else self.tile_size
+        return predict_image(raw, predict_fn, tile_size=tile_size, overlap=self.tile_overlap,
                              progress=progress, **self.settings)
 
     @staticmethod
