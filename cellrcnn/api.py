@@ -199,8 +199,8 @@ class Segmenter:
         # with whole-image percentiles (cellrcnn.inference.tiling)
         # a predictor's label images (cellrcnn.inference.predictor), or a Lightning module's instances
         predict_fn = getattr(self.module, "predict_labels", None) or self.module.predict_instances
-        side = max(np.shape(raw)[:2])
-        tile_size = side if side <= self.whole_image_up_to else self.tile_size
+        one_piece = max(np.shape(raw)[:2]) <= self.whole_image_up_to
+        tile_size = max(self.whole_image_up_to, self.tile_size) if one_piece else self.tile_size
         return predict_image(raw, predict_fn, tile_size=tile_size, overlap=self.tile_overlap,
                              progress=progress, **self.settings)
 

@@ -88,3 +88,18 @@ def test_a_checkpoint_that_runs_code_on_load_is_refused_by_the_safe_load(tmp_pat
     torch.save({"state_dict": {}, "hyper_parameters": {}, MODULE_KEY: "x.UNetModule", "extra": Payload()}, path)
     with pytest.warns(UserWarning, match="loaded in full"), pytest.raises(RuntimeError, match="state_dict"):
         load_predictor(path)
+
+
+def test_unet_predicts_fields_up_to_1536_px_in_one_piece_and_larger_ones_in_tiles():
+    from cellrcnn.api import Segmenter
+
+    segmenter = Segmenter.from_pretrained("nuclei", tta=False)
+    seen = []
+    predict = segmenter.module.predict_labels
+    segmenter.module.predict_labels = lambda images: seen.extend(tuple(im.shape[-2:]) for im in images) or predict(images)
+    segmenter.segment(np.zeros((1040, 1388), np.uint8))
+    assert seen == [(1040, 1388)]  # 1024-px tiles would have computed four tiles
+    seen.clear()
+    segmenter.segment(np.zeros((1600, 700), np.uint8))
+    assert len(seen) == 2 and max(max(s) for s in seen) <= 1024
+    assert Segmenter.from_pretrained("nuclei", tile_size=512).whole_image_up_to == 512  # the user's tiles win
