@@ -95,7 +95,8 @@ def run_predict(input_dir: Path, out: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path, timed: bool = True) -> dict:
+def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path, timed: bool = True,
+                      scored: bool = True) -> dict:
     from cellrcnn.evaluation.matching import dsb_score
     from cellrcnn.io import read_label_image
 
@@ -112,7 +113,7 @@ def warm_and_accuracy(model: str, overrides: list[str], sets: dict, work: Path, 
         speed[size] = {"images": len(images), "s_per_image": round(seconds / len(images), 3),
                        "mp_per_s": round(mp / seconds, 3)}
     scores: dict[str, list[float]] = {}
-    for source, images in sets["_by_source"].items():
+    for source, images in (sets["_by_source"].items() if scored else ()):
         out = work / f"acc_{source}"
         run_predict(folder_of(images, work / f"accin_{source}"), out, [*base, "overlays=false"])
         scores[source] = [dsb_score(gt_labels(im), read_label_image(out / f"{im['path'].stem}.tif")) for im in images]
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="NAME:key=value,key=value predict.py overrides (repeatable; default 'default:')")
     p.add_argument("--threads", type=int, default=None, help="threads=N for every run (default: predict.py's)")
     p.add_argument("--big", type=int, default=8000, help="side of the large field (0: skip)")
-    p.add_argument("--skip", default="", help="comma-separated: speed (warm timing), cold, large, load")
+    p.add_argument("--skip", default="", help="comma-separated: speed (warm timing), accuracy, cold, large, load")
     p.add_argument("--data", type=Path, default=REPO / "datasets" / "coco")
     p.add_argument("--label", default="after")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict_speed")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"== {key}: {overrides}", flush=True)
                 sub = work / f"{model}_{name}"
                 r = warm_and_accuracy(model, overrides, {**speed_sets, "_by_source": sets["_by_source"]}, sub,
-                                      timed="speed" not in skip)
+                                      timed="speed" not in skip, scored="accuracy" not in skip)
                 if "cold" not in skip:
                     r["cold"] = cold_start(model, overrides, sets["256x256"][0]["path"], sub)
                 if field is not None:

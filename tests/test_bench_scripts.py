@@ -204,3 +204,32 @@ def test_generalist_table_merges_runs_per_source(tmp_path):
     md = (tmp_path / "both" / "generalist.md").read_text()
     assert "| sbsst265 (4) | 0.500 / 0.800 / 0.500 | 0.600 / 0.800 / 0.500 |" in md
     assert "| all (68) |" in md and len(json.loads((tmp_path / "both" / "generalist.json").read_text())) == 2
+
+
+def test_predict_speed_scores_label_tiffs_against_coco_masks_and_builds_a_16bit_field(tmp_path):
+    """bench/predict_speed.py's known answers: a COCO polygon becomes the same label image, a
+    perfect prediction scores dsb 1.0, and the large field is uint16 of the asked size, tiled from
+    grey fluorescence images only."""
+    from PIL import Image
+
+    speed = _load_script("predict_speed")
+    from cellrcnn.evaluation.matching import dsb_score
+
+    square = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    image = {"height": 40, "width": 50, "annotations": [{"segmentation": square}]}
+    labels = speed.gt_labels(image)
+    assert labels.shape == (40, 50) and set(np.unique(labels)) == {0, 1} and 380 <= (labels == 1).sum() <= 441
+    assert dsb_score(labels, labels) == 1.0
+
+    yy, xx = np.mgrid[:60, :70]
+    grey = np.where((yy - 30) ** 2 + (xx - 35) ** 2 < 100, 200, 10).astype(np.uint8)
+    stained = np.stack([np.full((60, 70), 200), np.full((60, 70), 120), np.full((60, 70), 190)], -1).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(stained).save(tmp_path / "stained.png")
+    images = [{"path": tmp_path / "grey.png"}, {"path": tmp_path / "stained.png"}]
+    field = speed.big_field(150, images, tmp_path)
+    from cellrcnn.io import read_image
+
+    pixels = read_image(field)
+    assert pixels.shape == (150, 150) and pixels.dtype == np.uint16
+    assert len(np.unique(pixels)) == 2  # only the grey disk image, tiled (the stained one is skipped)
