@@ -136,18 +136,19 @@ def masked_h_maxima(image: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray
     out = np.zeros(mask.shape, bool)
     if peak <= 0 or h > peak:
         return out
-    components, n = ndimage.label(mask, structure=_FOOTPRINT)
+    components, _ = ndimage.label(mask, structure=_FOOTPRINT)
     # the resolution skimage subtracts with h: a component must exceed this to hold a maximum
     floor = h + 2 * np.finfo(np.float64).resolution * peak
     if not (values >= floor).any():
         return h_maxima(values, h).astype(bool)  # all below h: the global maximum decides (skimage's rule)
-    peaks = ndimage.maximum(values, components, index=np.arange(1, n + 1))
     for k, sl in enumerate(ndimage.find_objects(components), start=1):
-        if sl is None or peaks[k - 1] < h:
-            continue  # no pixel rises h above the zero background: no h-maximum
+        if sl is None:
+            continue
         sl = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, size)) for s, size in zip(sl, mask.shape, strict=True))
         own = components[sl] == k
         crop = np.pad(np.where(own, values[sl], 0.0), 1)  # zero all around, as in the whole image
+        if crop.max() < h:
+            continue  # no pixel rises h above the zero background: no h-maximum
         out[sl] |= h_maxima(crop, h)[1:-1, 1:-1].astype(bool) & own
     return out
 
