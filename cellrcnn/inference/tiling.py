@@ -50,7 +50,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from cellrcnn.io import NORMALISED_LIMIT
-from cellrcnn.models.postprocess import labels_to_instances
+from cellrcnn.models.postprocess import _numpy, labels_to_instances
 
 PredictFn = Callable[[list[torch.Tensor]], list[dict]]
 
@@ -147,10 +147,6 @@ class _TileObjects(NamedTuple):
     present: np.ndarray
     scores: np.ndarray
     crop: Callable[[int], np.ndarray]
-
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _tile_objects(pred: dict) -> _TileObjects:
