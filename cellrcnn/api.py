@@ -17,6 +17,7 @@ model card); :func:`available_models` lists them.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterable, Iterator
@@ -192,13 +193,17 @@ class Segmenter:
         """Median object diameter (px) of the training set, when the checkpoint records it."""
         return self.module.object_diameter
 
-    def _predict_native(self, raw: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
+        test-time flips off), for the measuring pass of ``diameter=shrink``."""
         from cellrcnn.inference.tiling import predict_image
 
         # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
         # with whole-image percentiles (cellrcnn.inference.tiling)
         # a predictor's label images (cellrcnn.inference.predictor), or a Lightning module's instances
         predict_fn = getattr(self.module, "predict_labels", None) or self.module.predict_instances
+        if quick and hasattr(self.module, "tta"):
+            predict_fn = functools.partial(predict_fn, tta=False)
         one_piece = max(np.shape(raw)[:2]) <= self.whole_image_up_to
         tile_size = max(self.whole_image_up_to, self.tile_size) if one_piece else self.tile_size
         return predict_image(raw, predict_fn, tile_size=tile_size, overlap=self.tile_overlap,
@@ -222,14 +227,15 @@ class Segmenter:
             image = image[int(plane)]
         return as_image(image, channel)
 
-    def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = None,
+    def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = "shrink",
                 channel: int | None = None, pixel_size: float | None = None, name: str | None = None,
                 progress: bool = False, plane: int | None = None) -> Result:
         """Segment one image.
 
         Args:
             image: an H×W or H×W×C array (any dtype), or the path of an image file.
-            diameter: None (native size), the objects' typical diameter in pixels, or ``"auto"``
+            diameter: ``"shrink"`` (images of objects larger than the training size are shrunk to
+                it), None (native size), the objects' typical diameter in pixels, or ``"auto"``
                 (see :mod:`cellrcnn.inference.scale`).
             channel: segment only this channel of a multi-channel image.
             pixel_size: µm per pixel: the ``table`` in µm and µm².
@@ -245,7 +251,8 @@ class Segmenter:
         raw = self.read(image, channel, plane)
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
         labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
-                                                   self.object_diameter)
+                                                   self.object_diameter, lambda x: self._predict_native(x, False, True),
+                                                   getattr(self.module, "training_profile", None))
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
         info = {**info, "model": self.name, "warnings": self.warnings(raw, labels, info.get("factor", 1.0))}

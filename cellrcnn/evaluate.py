@@ -6,6 +6,7 @@ TP/FP/FN overlay PNGs (``overlays/<image stem>.png``) into the run folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -61,8 +62,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     diameter = cfg.get("diameter")
     check_diameter(None if diameter == "gt" else diameter, model.object_diameter, str(cfg.ckpt_path))
 
-    def predict_native(raw):  # the whole image at once, as predict_instances on the dataset's image
-        return predict_image(raw, model.predict_instances, tile_size=max(raw.shape[:2]), overlap=0, progress=False,
+    def predict_native(raw, quick: bool = False):  # the whole image at once, as predict_instances does
+        predict_fn = model.predict_instances
+        if quick and hasattr(model, "tta"):  # diameter=shrink's measuring pass: one view
+            predict_fn = functools.partial(predict_fn, tta=False)
+        return predict_image(raw, predict_fn, tile_size=max(raw.shape[:2]), overlap=0, progress=False,
                              **input_settings(model))
 
     evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))))
@@ -81,7 +85,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 pred = model.predict_instances([image])[0]
             else:  # "gt": each image at the size its annotations say, as a user who knows it would
                 wanted = float(annotated[i]) if diameter == "gt" else diameter
-                labels, scores, _ = predict_at_diameter(raw, predict_native, wanted, model.object_diameter)
+                labels, scores, _ = predict_at_diameter(raw, predict_native, wanted, model.object_diameter,
+                                                        functools.partial(predict_native, quick=True),
+                                                        getattr(model, "training_profile", None))
                 pred = labels_to_instances(labels, scores)
             evaluator.update(target, pred)
             groups[target["image_id"]] = image_groups(dataset.image_info(i), source, raw)

@@ -130,6 +130,47 @@ def test_auto_measures_first_and_rescales_only_when_needed():
     assert info == {"factor": 1.0, "measured_diameter": None} and len(model.shapes) == 1
 
 
+def test_shrink_measures_at_half_size_and_only_shrinks_objects_beyond_the_training_range():
+    profile = {"object_diameter_px": {"p5": 8.0, "p50": 19.0, "p95": 36.0, "p99": 50.0}}
+    model, quick = ThresholdModel(), ThresholdModel()
+    image = disks(72)  # 516 px: objects beyond the training 99th percentile
+    labels, _, info = predict_at_diameter(image, model, "shrink", model_diameter=19, probe_fn=quick, profile=profile)
+    assert quick.shapes == [(258, 258)]  # the measuring pass: the quick predictor, half size
+    assert info["measured_diameter"] == pytest.approx(72, abs=2)
+    assert info["factor"] == pytest.approx(0.5, abs=0.02)  # to the 95th percentile, 36 px
+    assert model.shapes == [(258, 258)] and labels.shape == image.shape and labels.max() == 16
+
+    for diameter in (45, 10):  # within the training range, or smaller: native, never enlarged
+        model, quick = ThresholdModel(), ThresholdModel()
+        image = disks(diameter, grid=8)
+        labels, _, info = predict_at_diameter(image, model, "shrink", 19, probe_fn=quick, profile=profile)
+        assert info["factor"] == 1.0 and model.shapes == [image.shape] and len(quick.shapes) == 1
+        assert labels.max() == 64
+
+    model = ThresholdModel()  # no profile: 2.8x the median is the limit, 2x the target
+    _, _, info = predict_at_diameter(disks(80), model, "shrink", model_diameter=20)
+    assert info["factor"] == pytest.approx(0.5, abs=0.02) and len(model.shapes) == 2
+
+    model = ThresholdModel()  # smaller than PROBE_MIN_SIDE: no measuring pass
+    _, _, info = predict_at_diameter(disks(20, grid=2), model, "shrink", model_diameter=20)
+    assert info == {"factor": 1.0, "measured_diameter": None} and model.shapes == [(72, 72)]
+
+    model = ThresholdModel()  # a checkpoint without its training size: native, no error
+    _, _, info = predict_at_diameter(disks(60), model, "shrink", model_diameter=None)
+    assert info == {"factor": 1.0} and len(model.shapes) == 1
+
+
+def test_shrink_measures_a_large_image_on_its_central_window(monkeypatch):
+    import cellrcnn.inference.scale as scale
+
+    monkeypatch.setattr(scale, "PROBE_WINDOW", 200)
+    model, quick = ThresholdModel(), ThresholdModel()
+    _, _, info = predict_at_diameter(disks(60), model, "shrink", model_diameter=10, probe_fn=quick)
+    assert quick.shapes == [(100, 100)]  # 200 of 432 px, at half size
+    # the window holds few whole disks: too few to measure, so native size
+    assert info["factor"] == 1.0 and model.shapes == [(432, 432)]
+
+
 def test_native_by_default_and_clear_errors():
     model = ThresholdModel()
     image = disks(30)

@@ -93,14 +93,16 @@ class UNetPredictor(Predictor):
         self.tta: bool | int = bool(hparams.get("tta", False))  # or a number of views (flip_count)
         self.postprocess = dict(hparams.get("postprocess") or {})
 
-    def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    def predict_labels(self, images: list[torch.Tensor], tta: bool | int | None = None) -> list[dict[str, np.ndarray]]:
+        """As :meth:`Predictor.predict_labels`; ``tta`` overrides the predictor's flips for this call."""
         from cellrcnn.models.postprocess import unet_outputs_to_labels
         from cellrcnn.models.unet import flip_count, match_channels, predict_maps
 
+        flips = flip_count(self.tta if tta is None else tta)
         out = []
         for image in images:
             x = match_channels(image.to(self.device, torch.float32), self.net.in_channels)
-            maps = predict_maps(self.net, x, flips=flip_count(self.tta), bf16=self.bf16)
+            maps = predict_maps(self.net, x, flips=flips, bf16=self.bf16)
             labels, scores = unet_outputs_to_labels(*maps, **self.postprocess)
             out.append({"label_image": labels, "scores": scores})
         return out

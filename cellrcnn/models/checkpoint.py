@@ -16,10 +16,6 @@ TRAINING_IMAGES_KEY = "cellrcnn_training_images"
 TRAINING_PROFILE_KEY = "cellrcnn_training_profile"
 
 
-TRAINING_IMAGES_KEY = "cellrcnn_training_images"
-TRAINING_PROFILE_KEY = "cellrcnn_training_profile"
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents, unpickled with ``weights_only`` (tensors and plain containers
     only: a shipped model cannot run code on load). A training checkpoint written by an older

@@ -186,13 +186,14 @@ class UNetModule(InstanceSegModule):
         finally:
             self.train(was_training)
 
-    def predict_instances(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def predict_instances(self, images: Sequence[torch.Tensor], tta: bool | int | None = None
+                          ) -> list[dict[str, torch.Tensor]]:
         """list of C×H×W float images -> list of instance dicts (masks uint8 N×H×W, boxes
         float32 N×4 xyxy, scores float32 N, labels int64 N; CPU tensors), one image at a time
-        because sizes differ."""
+        because sizes differ; ``tta`` overrides the module's flips for this call."""
         results = []
         for image in images:
-            labels, scores = unet_outputs_to_labels(*self.predict_maps(image), **self.postprocess)
+            labels, scores = unet_outputs_to_labels(*self.predict_maps(image, tta), **self.postprocess)
             results.append(labels_to_instances(labels, scores))
         return results
 

@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from cellrcnn import __version__
+from cellrcnn.inference.scale import SHRINK
 from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS, formats_help, render_file, result_json
 from cellrcnn.serve.uploads import (
@@ -55,19 +56,26 @@ class ServeSettings:
     upload_idle_timeout_s: float = 60.0  # an upload that sends nothing for this long is dropped (408)
 
 
-def _parse_number(fields: dict[str, str], name: str, allow_auto: bool = False) -> float | str | None:
+def _parse_number(fields: dict[str, str], name: str, words: tuple[str, ...] = ()) -> float | str | None:
+    """A positive number, one of ``words`` (lower case), or None when the field is empty."""
     value = fields.get(name, "").strip()
     if not value:
         return None
-    if allow_auto and value.lower() == "auto":
-        return "auto"
+    if value.lower() in words:
+        return value.lower()
     try:
         number = float(value)
     except ValueError:
         number = math.nan
     if not (math.isfinite(number) and number > 0):
-        raise UploadError(422, f"{name} must be a positive number{' or auto' if allow_auto else ''}, got {value!r}")
+        raise UploadError(422, f"{name} must be a positive number{''.join(f' or {w}' for w in words)}, got {value!r}")
     return number
+
+
+def _parse_diameter(fields: dict[str, str]) -> float | str | None:
+    """The diameter field: empty means shrink, predict.py's default; native means no resizing."""
+    value = _parse_number(fields, "diameter", ("auto", SHRINK, "native"))
+    return SHRINK if value is None else None if value == "native" else value
 
 
 def _parse_index(fields: dict[str, str], name: str) -> int | None:
@@ -86,8 +94,9 @@ SEGMENT_FORM = {
                 "file": {"type": "string", "format": "binary",
                          "description": "the image: PNG, TIFF, JPEG or BMP; 8/16-bit, grey or colour"},
                 "model": {"type": "string", "description": "a name from GET /models (default: the server's model)"},
-                "diameter": {"type": "string", "description": "typical object diameter in pixels, or auto "
-                                                              "(resizes the image to the model's object size)"},
+                "diameter": {"type": "string", "description": "typical object diameter in pixels, auto, native, "
+                                                              "or shrink (the default: images of objects larger "
+                                                              "than the model's are shrunk to its object size)"},
                 "pixel_size": {"type": "number", "description": "µm per pixel: measurements in µm and µm²"},
                 "channel": {"type": "integer", "description": "segment this channel of a multi-channel image"},
                 "plane": {"type": "integer", "description": "segment this z-plane (page) of a multi-page TIFF"},
@@ -220,7 +229,7 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
             model_name = fields.get("model") or registry.default
             if model_name not in registry.names:
                 raise UploadError(422, f"unknown model {model_name!r}; available: {', '.join(registry.names)}")
-            diameter = _parse_number(fields, "diameter", allow_auto=True)
+            diameter = _parse_diameter(fields)
             pixel_size = _parse_number(fields, "pixel_size")
             channel, plane = (_parse_index(fields, key) for key in ("channel", "plane"))
             include_overlay = fields.get("include_overlay", "").lower() in ("1", "true", "yes")
