@@ -193,8 +193,8 @@ def test_flip_tta_averages_the_flipped_outputs():
 
 
 def test_views_in_threads_equal_views_one_after_the_other(monkeypatch):
-    """On a CPU with two or more threads the flipped views run in parallel threads; the maps are
-    those of the sequential loop (threads=1), in float32 and under bfloat16 autocast alike."""
+    """On a CPU with two or more threads the flipped views of an image below a megapixel run in
+    parallel threads; the maps are those of the sequential loop, in float32 and bfloat16 alike."""
     from cellrcnn.models import unet
 
     torch.manual_seed(0)
@@ -204,20 +204,20 @@ def test_views_in_threads_equal_views_one_after_the_other(monkeypatch):
     parallel = {}
     try:
         torch.set_num_threads(2)
-        assert unet._views_in_parallel(image.device, 4)
+        assert unet._views_in_parallel(image, 4) and not unet._views_in_parallel(torch.zeros(1, 1024, 1024), 4)
         for bf16 in (False, True):
             parallel[bf16] = unet.predict_maps(net, image, flips=4, bf16=bf16)
             with monkeypatch.context() as m:
-                m.setattr(unet, "_views_in_parallel", lambda device, flips: False)
+                m.setattr(unet, "_views_in_parallel", lambda x, flips: False)
                 sequential = unet.predict_maps(net, image, flips=4, bf16=bf16)
             for a, b in zip(parallel[bf16], sequential, strict=True):  # up to summation order
                 np.testing.assert_allclose(a, b, atol=1e-5 if not bf16 else 1e-3)
         torch.set_num_threads(1)  # threads=1: one core, the views one after the other
-        assert not unet._views_in_parallel(image.device, 4)
+        assert not unet._views_in_parallel(image, 4)
     finally:
         torch.set_num_threads(threads)
     assert np.abs(parallel[True][0] - parallel[False][0]).max() > 1e-4  # the threads ran in bfloat16
-    assert not unet._views_in_parallel(image.device, 1)
+    assert not unet._views_in_parallel(image, 1)
 
 
 def test_bfloat16_inference_stays_close_to_float32():
