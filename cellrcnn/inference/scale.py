@@ -47,11 +47,12 @@ AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny ob
 MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
 SHRINK = "shrink"  # the default diameter mode (predict.py, evaluate.py, the API and the service)
 # shrink without a training profile in the checkpoint: these multiples of the median stand in
-# for the training diameters' 95th and 99th percentiles (2.0x and 2.8x for the shipped models)
+# for the training diameters' 95th and 99th percentiles (1.8-2.0x and 2.6-2.9x for the shipped models)
 SHRINK_TO, SHRINK_ABOVE = 2.0, 2.8
 MODES = ("auto", SHRINK)
-# shrink's measuring pass: at half size the model still sees the objects it would shrink (twice
-# its training size, or more) at a size it segments well, for a sixteenth of the default cost
+# shrink's measuring pass: at half size the objects it would shrink (beyond the training 99th
+# percentile, about 2.8x the median) still appear at 1.4x the training median or more, a size the
+# model segments well; the pass costs a sixteenth of a default prediction
 # (one view instead of four, a quarter of the pixels); a larger image is measured on its central
 # window only, so that the pass costs at most one 1024-px tile
 PROBE_FACTOR = 0.5
