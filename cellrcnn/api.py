@@ -17,7 +17,6 @@ model card); :func:`available_models` lists them.
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from collections.abc import Iterable, Iterator
@@ -196,14 +195,12 @@ class Segmenter:
     def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
         test-time flips off), for the measuring pass of ``diameter=shrink``."""
+        from cellrcnn.inference.predictor import prediction_fn
         from cellrcnn.inference.tiling import predict_image
 
         # tiles only above tile_size; a large image stays raw in memory and is normalised per tile
         # with whole-image percentiles (cellrcnn.inference.tiling)
-        # a predictor's label images (cellrcnn.inference.predictor), or a Lightning module's instances
-        predict_fn = getattr(self.module, "predict_labels", None) or self.module.predict_instances
-        if quick and hasattr(self.module, "tta"):
-            predict_fn = functools.partial(predict_fn, tta=False)
+        predict_fn = prediction_fn(self.module, quick)
         one_piece = max(np.shape(raw)[:2]) <= self.whole_image_up_to
         tile_size = max(self.whole_image_up_to, self.tile_size) if one_piece else self.tile_size
         return predict_image(raw, predict_fn, tile_size=tile_size, overlap=self.tile_overlap,

@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .evaluation.groups import breakdown, breakdown_table, image_groups
     from .inference import predict_image
     from .inference.scale import check_diameter, predict_at_diameter
-    from .inference.predictor import set_score_threshold
+    from .inference.predictor import prediction_fn, set_score_threshold
     from .models.postprocess import labels_to_instances
     from .modules.base import load_module
     from .viz import overlay_tp_fp_fn, save_png
@@ -63,11 +63,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_diameter(None if diameter == "gt" else diameter, model.object_diameter, str(cfg.ckpt_path))
 
     def predict_native(raw, quick: bool = False):  # the whole image at once, as predict_instances does
-        predict_fn = model.predict_instances
-        if quick and hasattr(model, "tta"):  # diameter=shrink's measuring pass: one view
-            predict_fn = functools.partial(predict_fn, tta=False)
-        return predict_image(raw, predict_fn, tile_size=max(raw.shape[:2]), overlap=0, progress=False,
-                             **input_settings(model))
+        return predict_image(raw, prediction_fn(model, quick), tile_size=max(raw.shape[:2]), overlap=0,
+                             progress=False, **input_settings(model))
 
     evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))))
     groups: dict[int, dict[str, str]] = {}

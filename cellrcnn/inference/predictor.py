@@ -14,6 +14,8 @@ A predictor returns a label image per input (``predict_labels``), never N×H×W 
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,15 @@ class MaskRCNNPredictor(Predictor):
             out.append({"label_image": compact.astype(np.int32, copy=False),
                         "scores": scores.numpy()[ids - 1].astype(np.float32)})
         return out
+
+
+def prediction_fn(model, quick: bool = False):
+    """What predicts a list of C×H×W images with ``model`` for tiling
+    (:func:`cellrcnn.inference.tiling.predict_image`): a predictor's ``predict_labels`` (label
+    images) or a Lightning module's ``predict_instances``; ``quick``: one view only (a U-Net's
+    test-time flips off), for the measuring pass of ``diameter=shrink``."""
+    fn = getattr(model, "predict_labels", None) or model.predict_instances
+    return functools.partial(fn, tta=False) if quick and hasattr(model, "tta") else fn
 
 
 def set_score_threshold(model, threshold: float | None) -> None:
