@@ -154,12 +154,15 @@ def readme(cards: dict[str, dict]) -> str:
                   f"{card['input_channels']}-channel input" + ("; images with a bright background (brightfield, "
                                                               "H&E) are inverted" if card.get("invert_bright") else ""),
                   f"- Trained (from scratch, no ImageNet weights; earlier legs as the command says) on: {sources}; each source's held-out split was never seen.",
-                  f"- Training: `{card['training_command']}` ({budget}, {card.get('global_step')} optimiser "
-                  "steps" + (f", in {len(legs)} legs" if len(legs) > 1 else "") + ").",
+                  f"- Training: `{card['training_command']}` ({budget}" + (
+                      f" in {len(legs)} legs of {', '.join(f'{m:g}' for m in legs)} min; {card.get('global_step')} "
+                      "optimiser steps in the last" if len(legs) > 1 else f", {card.get('global_step')} optimiser steps"
+                  ) + ").",
                   f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} (calibrated on "
                   "validation images after training).",
                   f"- Object size: it trained on nuclei of median diameter {card['object_diameter_px']} px "
-                  "(images resized towards one size); `diameter=auto` or `diameter=<px>` resize new images.",
+                  "(images resized towards one size). By default (`diameter=shrink`) images of nuclei beyond "
+                  "the training range below are shrunk into it; `diameter=auto` or `diameter=<px>` also enlarge.",
                   "- Training profile (for the out-of-distribution warning): "
                   f"{card.get('training_profile', {}).get('modalities')} images by modality, diameters "
                   f"{card.get('training_profile', {}).get('object_diameter_px')} px.", ""]
