@@ -135,8 +135,8 @@ class Segmenter:
         name: shown in results and by the service (shipped model name or checkpoint file name).
         checkpoint: where it was loaded from.
         tile_size: images larger than this (pixels, either side) are predicted in overlapping tiles;
-            None: the model's own (``preferred_tile_size``, 1024 px; the U-Net predicts images up to
-            1536 px in one piece, ``whole_image_up_to``).
+            None: the model's own (``preferred_tile_size``: 896 px for the U-Net, which predicts
+            images up to 1536 px in one piece, ``whole_image_up_to``; 1024 px for Mask R-CNN).
         tile_overlap: overlap of the tiles in pixels; must exceed the largest object's diameter.
         score_threshold: override the checkpoint's detection score threshold (Mask R-CNN).
         tta: override the checkpoint's test-time flips (U-Net): True (all four views), False (about

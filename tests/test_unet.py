@@ -193,8 +193,8 @@ def test_flip_tta_averages_the_flipped_outputs():
 
 
 def test_views_in_threads_equal_views_one_after_the_other(monkeypatch):
-    """On a CPU with two or more threads the flipped views of an image below a megapixel run in
-    parallel threads; the maps are those of the sequential loop, in float32 and bfloat16 alike."""
+    """On a CPU with two or more threads the flipped views run in parallel threads; the maps are
+    those of the sequential loop, in float32 and bfloat16 alike."""
     from cellrcnn.models import unet
 
     torch.manual_seed(0)
@@ -204,7 +204,7 @@ def test_views_in_threads_equal_views_one_after_the_other(monkeypatch):
     parallel = {}
     try:
         torch.set_num_threads(2)
-        assert unet._views_in_parallel(image, 4) and not unet._views_in_parallel(torch.zeros(1, 1024, 1024), 4)
+        assert unet._views_in_parallel(image, 4)
         for bf16 in (False, True):
             parallel[bf16] = unet.predict_maps(net, image, flips=4, bf16=bf16)
             with monkeypatch.context() as m:

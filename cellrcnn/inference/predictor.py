@@ -85,9 +85,11 @@ class UNetPredictor(Predictor):
     with the calibrated thresholds."""
 
     # a field up to 1536 px is predicted in one piece (1024-px tiles computed a 1040×1388 field
-    # 2.9 times over: four tiles); larger images go in 1024-px tiles, whose activations stay
-    # near 0.4 GB (a 3000² field peaked at 1.6 GB of memory with 2048-px tiles, 1.3 GB with 1536)
-    preferred_tile_size = 1024
+    # 2.9 times over: four tiles; two views of 1536² hold 1.2 GB); larger images go in 896-px
+    # tiles, whose two parallel views (cellrcnn.models.unet.VIEW_THREADS) hold 0.45 GB, where
+    # 1024-px tiles would hold 0.69 GB and take an 8000² field past 2 GB (4 views of 896² on two
+    # cores: 1.37 s per megapixel; of 1024² one after the other, as before: 2.13 s)
+    preferred_tile_size = 896
     whole_image_up_to = 1536
 
     def __init__(self, net, hparams, checkpoint, precision: str = "auto") -> None:

@@ -54,7 +54,7 @@ MODES = ("auto", SHRINK)
 # percentile, about 2.8x the median) still appear at 1.4x the training median or more, a size the
 # model segments well; the pass costs a sixteenth of a default prediction
 # (one view instead of four, a quarter of the pixels); a larger image is measured on its central
-# window only, so that the pass costs at most one 1024-px tile
+# window only, so that the pass costs at most one 1024² view
 PROBE_FACTOR = 0.5
 PROBE_WINDOW = 2048
 PROBE_MIN_SIDE = 128  # a smaller image is predicted at native size without measuring

@@ -160,20 +160,19 @@ def flip_count(tta: bool | int) -> int:
     return int(tta)
 
 
-# On a CPU the views of an image below a megapixel run two at a time in threads: within one view
-# the small and memory-bound layers (GroupNorm, concatenation, up-sampling) leave a core idle. On
-# two cores, 4 views of a 512² image took 0.42 s instead of 0.82 s, and 0.64 s instead of 0.83 s
-# while another process kept one core busy. From 1024² (the tile size) on, one view keeps the
-# cores busy (2.0 s instead of 2.2 s) and a second view's activations would cost 0.5 GB.
+# On a CPU the views run two at a time in threads: within one view the small and memory-bound
+# layers (GroupNorm, concatenation, up-sampling) leave a core idle. On two cores, 4 views of a 512²
+# image took 0.29 s instead of 0.82 s, of a 1024² image 1.36 s instead of 2.23 s, and with another
+# process on one core 0.64 s instead of 0.83 s (512²). The second view's activations cost memory
+# (1024²: 0.69 GB instead of 0.32 GB), which the U-Net's tile size bounds
+# (cellrcnn.inference.predictor.UNetPredictor).
 VIEW_THREADS = 2
-PARALLEL_VIEWS_BELOW = 1024 * 1024  # pixels
 _view_pool: ThreadPoolExecutor | None = None
 
 
 def _views_in_parallel(x: torch.Tensor, flips: int) -> bool:
     # threads=1 means one core; a GPU queues its kernels asynchronously anyway
-    return (x.device.type == "cpu" and flips > 1 and torch.get_num_threads() > 1
-            and x.shape[-2] * x.shape[-1] < PARALLEL_VIEWS_BELOW)
+    return x.device.type == "cpu" and flips > 1 and torch.get_num_threads() > 1
 
 
 def _view(net: UNet, x: torch.Tensor, dims: tuple[int, ...], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +190,9 @@ def predict_maps(net: UNet, image: torch.Tensor, flips: int = 1, bf16: bool = Fa
 
     Args:
         net: a :class:`UNet` in eval mode.
-        flips: average over this many of :data:`FLIPS` (1: none; 4: all). On a CPU the views of
-            an image below :data:`PARALLEL_VIEWS_BELOW` pixels run :data:`VIEW_THREADS` at a time
-            (a batch of them is no faster and needs all their memory at once); each output is
-            flipped back and averaged.
+        flips: average over this many of :data:`FLIPS` (1: none; 4: all). On a CPU the views run
+            :data:`VIEW_THREADS` at a time (a batch of them is no faster and needs all their
+            memory at once); each output is flipped back and averaged.
         bf16: run the network under bfloat16 autocast (convolutions in bfloat16, normalisation
             and the outputs in float32): on CPUs with AVX512-BF16/AMX about 3x faster than float32;
             see :func:`cellrcnn.models.precision.native_bf16`.
