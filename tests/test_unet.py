@@ -220,6 +220,27 @@ def test_views_in_threads_equal_views_one_after_the_other(monkeypatch):
     assert not unet._views_in_parallel(image, 1)
 
 
+def test_a_forked_process_predicts_with_views_in_threads():
+    """A process forked after the parent ran its view threads (data loader workers, converters)
+    starts its own instead of waiting on the parent's, which do not exist in the child."""
+    import multiprocessing
+
+    from cellrcnn.models import unet
+
+    torch.manual_seed(0)
+    net = UNetModule(net={"in_channels": 1, "base_width": 8, "depth": 2}).net.eval()
+    image = torch.rand(1, 32, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = unet.predict_maps(net, image, flips=4)[0]  # the parent's view threads exist now
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(unet.predict_maps, (net, image, 4)).get(timeout=60)[0]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_bfloat16_inference_stays_close_to_float32():
     """bfloat16 autocast changes the arithmetic of the convolutions only: the probabilities it
     gives stay within a few hundredths of float32's (its accuracy on real images is measured by

@@ -18,6 +18,8 @@ cropped back, so validation on full images of odd sizes needs no care from the c
 
 from __future__ import annotations
 
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -168,6 +170,23 @@ def flip_count(tta: bool | int) -> int:
 # (cellrcnn.inference.predictor.UNetPredictor).
 VIEW_THREADS = 2
 _view_pool: ThreadPoolExecutor | None = None
+_view_pool_lock = threading.Lock()  # a service predicts from several threads
+
+
+def _view_threads() -> ThreadPoolExecutor:
+    global _view_pool
+    with _view_pool_lock:
+        if _view_pool is None:
+            _view_pool = ThreadPoolExecutor(VIEW_THREADS, thread_name_prefix="cellrcnn-view")
+        return _view_pool
+
+
+def _forget_view_threads() -> None:  # a forked process (data loader workers) has none of them
+    global _view_pool, _view_pool_lock
+    _view_pool, _view_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_view_threads)
 
 
 def _views_in_parallel(x: torch.Tensor, flips: int) -> bool:
@@ -197,14 +216,11 @@ def predict_maps(net: UNet, image: torch.Tensor, flips: int = 1, bf16: bool = Fa
             and the outputs in float32): on CPUs with AVX512-BF16/AMX about 3x faster than float32;
             see :func:`cellrcnn.models.precision.native_bf16`.
     """
-    global _view_pool
     if not 1 <= flips <= len(FLIPS):
         raise ValueError(f"flips must be 1..{len(FLIPS)}, got {flips}")
     x = image.unsqueeze(0).to(torch.float32)
     if _views_in_parallel(x, flips):
-        if _view_pool is None:
-            _view_pool = ThreadPoolExecutor(VIEW_THREADS, thread_name_prefix="cellrcnn-view")
-        views = list(_view_pool.map(lambda dims: _view(net, x, dims, bf16), FLIPS[:flips]))
+        views = list(_view_threads().map(lambda dims: _view(net, x, dims, bf16), FLIPS[:flips]))
     else:
         views = [_view(net, x, dims, bf16) for dims in FLIPS[:flips]]
     probs = sum(p for p, _ in views) / flips
