@@ -122,8 +122,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for reason in scaling.get("warnings", []):  # the count of such an image needs a look
             print(f"{path.name}: do not trust this result blindly: {reason}")
         if scaling["factor"] != 1.0:
-            print(f"{path.name}: predicted at {scaling['factor']:g}x size (objects resized to the model's "
-                  f"{segmenter.object_diameter:.1f} px)")
+            measured = scaling.get("measured_diameter")  # diameter=shrink or auto measured them
+            sizes = (f"objects of {measured:.0f} px median diameter brought to {measured * scaling['factor']:.0f} px"
+                     if measured else f"objects brought to the model's {segmenter.object_diameter:.1f} px")
+            print(f"{path.name}: predicted at {scaling['factor']:g}x size ({sizes})")
         stem = free_stem(out, path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}", stems)
         stems.add(stem)
         image_id = len(summary["images"]) + 1
