@@ -9,6 +9,7 @@ from scipy import ndimage
 from cellrcnn.inference.scale import (
     annotation_diameter,
     check_diameter,
+    enlarge_labels,
     object_diameters,
     predict_at_diameter,
     resize_image,
@@ -93,6 +94,27 @@ def test_resize_labels_inverts_an_upsampling_and_drops_lost_objects():
     out, out_scores = resize_labels(tiny, np.array([0.9, 0.8], np.float32), (10, 10))
     assert out.max() == 1 and (out == 1).sum() == 25
     np.testing.assert_allclose(out_scores, [0.9])
+
+
+def test_enlarge_labels_draws_smoother_outlines_than_nearest_neighbour():
+    yy, xx = np.mgrid[:400, :400]
+    truth = np.zeros((400, 400), np.int32)
+    for k, (cy, cx, r) in enumerate([(100, 100, 60), (100, 215, 55), (280, 250, 80)], 1):  # 1 and 2 touch
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+    small = resize_labels(truth, np.ones(3, np.float32), (100, 100))[0]  # a prediction at 1/4 size
+    small[small == 2] = 5  # ids with gaps, as a tiled prediction may leave them: renumbered 1..N
+    scores = np.array([0.9, 0.0, 0.7, 0.0, 0.8], np.float32)
+
+    smooth, kept = enlarge_labels(small, scores, (400, 400))
+    steps, _ = resize_labels(small, scores, (400, 400))
+
+    def iou(labels, k):
+        return ((labels == k) & (truth == k)).sum() / ((labels == k) | (truth == k)).sum()
+
+    assert smooth.max() == 3 and kept.tolist() == pytest.approx([0.9, 0.7, 0.8])
+    truth = np.array([0, 1, 3, 2])[truth]  # the truth's ids as the renumbered ones: 1, 5->3, 3->2
+    for k in (1, 2, 3):
+        assert iou(smooth, k) > iou(steps, k) and iou(smooth, k) > 0.96
 
 
 def test_given_diameter_resizes_once_and_returns_full_size_labels():

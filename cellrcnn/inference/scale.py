@@ -96,6 +96,39 @@ def resize_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int]
     return lut[resized], np.asarray(scores, np.float32)[present[1:]]
 
 
+def enlarge_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A label image predicted on a shrunk image, brought back up to ``shape`` with smooth
+    outlines: each object's mask is interpolated bilinearly inside its box, and a pixel goes to
+    the object whose interpolated mask is highest there, if above one half. Nearest-neighbour
+    enlargement (:func:`resize_labels`) would draw outlines in steps of 1/factor pixels. Objects
+    left without a pixel are dropped, the rest renumbered 1..N with their scores."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    sy, sx = shape[0] / h, shape[1] / w
+    out = np.zeros(shape, labels.dtype)
+    best = np.zeros(shape, np.float32)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        y0, y1 = max(box[0].start - 1, 0), min(box[0].stop + 1, h)  # a pixel of margin to fade out
+        x0, x1 = max(box[1].start - 1, 0), min(box[1].stop + 1, w)
+        ys, xs = slice(round(y0 * sy), round(y1 * sy)), slice(round(x0 * sx), round(x1 * sx))
+        mask = torch.from_numpy((labels[y0:y1, x0:x1] == k).astype(np.float32))[None, None]
+        up = F.interpolate(mask, size=(ys.stop - ys.start, xs.stop - xs.start), mode="bilinear",
+                           align_corners=False)[0, 0].numpy()
+        take = (up > 0.5) & (up > best[ys, xs])
+        out[ys, xs][take] = k
+        best[ys, xs][take] = up[take]
+    present = np.zeros(len(scores) + 1, bool)
+    present[np.unique(out)] = True
+    present[0] = False
+    lut = np.zeros(len(scores) + 1, labels.dtype)
+    lut[present] = np.arange(1, int(present.sum()) + 1)
+    return lut[out], np.asarray(scores, np.float32)[present[1:]]
+
+
 def scale_factor(object_diameter: float, model_diameter: float) -> float:
     """Resize factor that brings ``object_diameter`` to ``model_diameter``, within FACTOR_LIMITS."""
     if not object_diameter > 0 or not model_diameter > 0:
@@ -196,5 +229,6 @@ def predict_at_diameter(
         warnings.warn(f"a {w}×{h} image enlarged {factor:.2f}× only (memory); its objects stay smaller "
                       "than the model's training size", stacklevel=2)
     small_labels, scores = label_fn(resize_image(raw, factor))
-    labels, scores = resize_labels(small_labels, scores, tuple(np.asarray(raw).shape[:2]))
+    resize = enlarge_labels if factor < 1 else resize_labels  # back up smoothly, or down by sampling
+    labels, scores = resize(small_labels, scores, tuple(np.asarray(raw).shape[:2]))
     return labels, scores, {"factor": round(factor, 4), **info}
