@@ -80,6 +80,17 @@ def resize_image(raw: np.ndarray, factor: float) -> np.ndarray:
     return np.ascontiguousarray(out.astype(raw.dtype))
 
 
+def _renumber(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A resized label image whose ids are those of ``scores`` (1..N), some maybe lost on the way:
+    the present ones renumbered 1..M in order, with their scores."""
+    present = np.zeros(len(scores) + 1, bool)
+    present[np.unique(labels)] = True
+    present[0] = False
+    lut = np.zeros(len(scores) + 1, labels.dtype)
+    lut[present] = np.arange(1, int(present.sum()) + 1)
+    return lut[labels], np.asarray(scores, np.float32)[present[1:]]
+
+
 def resize_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour resize of a label image to ``shape``; objects lost on the way (smaller
     than a pixel of the target grid) are dropped, the rest renumbered 1..N with their scores."""
@@ -88,12 +99,7 @@ def resize_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int]
     rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
     resized = labels[rows[:, None], cols[None, :]]
-    present = np.zeros(len(scores) + 1, bool)
-    present[np.unique(resized)] = True
-    present[0] = False
-    lut = np.zeros(len(scores) + 1, labels.dtype)
-    lut[present] = np.arange(1, int(present.sum()) + 1)
-    return lut[resized], np.asarray(scores, np.float32)[present[1:]]
+    return _renumber(resized, scores)
 
 
 def enlarge_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +127,7 @@ def enlarge_labels(labels: np.ndarray, scores: np.ndarray, shape: tuple[int, int
         take = (up > 0.5) & (up > best[ys, xs])
         out[ys, xs][take] = k
         best[ys, xs][take] = up[take]
-    present = np.zeros(len(scores) + 1, bool)
-    present[np.unique(out)] = True
-    present[0] = False
-    lut = np.zeros(len(scores) + 1, labels.dtype)
-    lut[present] = np.arange(1, int(present.sum()) + 1)
-    return lut[out], np.asarray(scores, np.float32)[present[1:]]
+    return _renumber(out, scores)
 
 
 def scale_factor(object_diameter: float, model_diameter: float) -> float:
