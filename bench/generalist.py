@@ -26,7 +26,7 @@ def evaluate(ckpt: str, diameter: str, split: str, out: Path, sources: list[str]
     from cellrcnn.evaluate import run
 
     overrides = [f"ckpt_path={ckpt}", "data=nuclei_mix", f"split={split}", f"diameter={diameter}",
-                 "overlays=0", f"threads={threads}", *sources]
+                 "overlays=0", f"threads={threads}", "extra_metrics=true", *sources]
     start = time.perf_counter()
     metrics = run(compose_config("evaluate", overrides, out))
     result = json.loads((out / "metrics.json").read_text())
@@ -48,6 +48,25 @@ def table(results: dict) -> list[str]:
             cells.append(" / ".join(f"{row[k]:.3f}" for k in SHOWN) if row else "–")
         lines.append(f"| {source} ({n}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def error_table(results: dict) -> list[str]:
+    """Where each run loses accuracy, per source: the share of objects found at IoU 0.5 and the
+    mean IoU of those found (outline quality), per object size, and split / merged objects."""
+    from cellrcnn.evaluation.matching import size_bin_names
+
+    bins = size_bin_names()
+    lines = ["| source | run | " + " | ".join(f"{b} px: n, found, IoU" for b in bins) + " | split | merged |",
+             "|" + "---|" * (len(bins) + 4)]
+    for key, res in results.items():
+        for row in res["by_group"]:
+            if row["field"] != "source" or "sq@0.5" not in row:
+                continue
+            cells = [f"{int(row[f'n_gt_{b}'])}, {row[f'recall@0.5_{b}']:.2f}, {row[f'sq@0.5_{b}']:.2f}"
+                     if row[f"n_gt_{b}"] else "–" for b in bins]
+            lines.append(f"| {row['group']} | {key} | " + " | ".join(cells) +
+                         f" | {int(row['n_splits'])} | {int(row['n_merges'])} |")
+    return lines if len(lines) > 2 else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,6 +108,11 @@ def write(out: Path, results: dict, command: str, split: str) -> None:
     md = [f"# Nuclei models per source ({split} split of each source)", "",
           "dsb_score / f1@0.5 / pq@0.5 per source; `all` pools every image.", "", *table(results), "",
           f"Command: `{command}`"]
+    errors = error_table(results)
+    if errors:
+        md += ["", "Where accuracy is lost: per object size (equivalent diameter at native resolution), the "
+               "number of annotated objects, the share found (IoU >= 0.5) and the mean IoU of those found; "
+               "objects split in two or more, predictions merging two or more.", "", *errors]
     seen = {k: r["seen_in_training"] for k, r in results.items() if r["seen_in_training"]}
     if seen:
         md += ["", f"Images these checkpoints trained on (scores optimistic): {seen}"]

@@ -66,7 +66,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return predict_image(raw, prediction_fn(model, quick), tile_size=max(raw.shape[:2]), overlap=0,
                              progress=False, **input_settings(model))
 
-    evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))))
+    evaluator = Evaluator(iou_thresholds=tuple(getattr(model.evaluator, "iou_thresholds", (0.5, 0.7))),
+                          extra_metrics=bool(cfg.get("extra_metrics", False)))
     groups: dict[int, dict[str, str]] = {}
     seen_in_training: list[str] = []
     n_images = 0

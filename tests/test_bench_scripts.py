@@ -204,6 +204,24 @@ def test_generalist_table_merges_runs_per_source(tmp_path):
     md = (tmp_path / "both" / "generalist.md").read_text()
     assert "| sbsst265 (4) | 0.500 / 0.800 / 0.500 | 0.600 / 0.800 / 0.500 |" in md
     assert "| all (68) |" in md and len(json.loads((tmp_path / "both" / "generalist.json").read_text())) == 2
+    assert "Where accuracy is lost" not in md  # runs without the size metrics: no error table
+
+
+def test_generalist_error_table_from_the_evaluators_size_metrics(tmp_path):
+    from cellrcnn.evaluation import Evaluator
+
+    generalist = _load_script("generalist")
+    gt = np.zeros((80, 80), np.int32)
+    gt[0:6, 0:6], gt[10:16, 0:6], gt[30:70, 30:70] = 1, 2, 3  # two 6.8-px nuclei, one 45-px
+    pred = np.zeros_like(gt)
+    pred[0:6, 0:6], pred[30:70, 30:50], pred[30:70, 50:70] = 5, 6, 7  # one small missed, the large split
+    ev = Evaluator(coco=False, extra_metrics=True)
+    ev.update_labels(gt, pred, image_id=0)
+    rows = [{"field": "source", "group": "bbbc038", **ev.compute()}]
+    generalist.write(tmp_path, {"m, diameter=null": {"pooled": rows[0], "by_group": rows, "seen_in_training": 0}},
+                     "cmd", "test")
+    md = (tmp_path / "generalist.md").read_text()
+    assert "| bbbc038 | m, diameter=null | 2, 0.50, 1.00 | – | 1, 1.00, 0.50 | – | 1 | 0 |" in md
 
 
 def test_predict_speed_scores_label_tiffs_against_coco_masks_and_builds_a_16bit_field(tmp_path):

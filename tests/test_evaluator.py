@@ -193,3 +193,21 @@ def test_gathers_across_ranks(tmp_path):
         for k in expected:
             assert got[k] == pytest.approx(expected[k], nan_ok=True), k
     assert expected["n_images"] == 5 and expected["recall@0.5"] < 1.0
+
+
+def test_extra_metrics_recall_and_outline_quality_per_object_size():
+    # 16 squares 8×8 (diameter 9 px), one 30×30 (33.9 px): the prediction misses 4 small ones and
+    # outlines the large one with IoU 0.5 (the lower half of a 30×60 box is empty)
+    small = grid_specs(16)
+    gt = square_masks(120, 120, [*small, (60, 90, 60, 90)])
+    pred = square_masks(120, 120, [*small[4:], (60, 90, 60, 90)])
+    pred[-1, 90:120, 60:90] = 1
+    ev = Evaluator(extra_metrics=True)
+    ev.update(target_of(gt, 1), prediction_of(pred))
+    out = ev.compute()
+    assert (out["n_gt_d0-12"], out["n_gt_d24-48"], out["n_gt_d48+"]) == (16, 1, 0)
+    assert out["recall@0.5_d0-12"] == pytest.approx(12 / 16)
+    assert out["sq@0.5_d0-12"] == pytest.approx(1.0)
+    assert out["recall@0.5_d24-48"] == 1.0 and out["sq@0.5_d24-48"] == pytest.approx(0.5)
+    assert out["sq@0.5"] == pytest.approx(12.5 / 13)
+    assert math.isnan(out["recall@0.5_d48+"])

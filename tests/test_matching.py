@@ -219,3 +219,16 @@ def test_bad_inputs():
         m.match(np.zeros((4, 4)), np.zeros((4, 4), int))
     with pytest.raises(ValueError, match="shape"):
         m.dice(np.zeros((4, 4), int), np.zeros((5, 4), int))
+
+
+def test_size_counts_tell_missed_small_from_coarse_large():
+    # GT: two 6×6 squares (diameter 6.8 px, bin d0-12) and one 40×40 square (45.1 px, bin d24-48);
+    # one small square is found exactly, the other missed, the large one found with IoU 0.8
+    gt = squares((60, 100), [(1, 0, 0, 6), (2, 10, 0, 6), (3, 20, 50, 40)])
+    pred = np.zeros_like(gt)
+    pred[0:6, 0:6] = 8
+    pred[20:52, 50:90] = 9  # 32 of the 40 rows: IoU 1280 / 1600
+    ov = m.Overlaps.from_labels(gt, pred)
+    counts = m.size_counts(ov, m.match_overlaps(ov, 0.5))
+    assert m.size_bin_names() == ["d0-12", "d12-24", "d24-48", "d48+"]
+    np.testing.assert_allclose(counts, [[2, 1, 1.0], [0, 0, 0], [1, 1, 0.8], [0, 0, 0]])

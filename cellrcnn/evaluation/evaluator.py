@@ -55,7 +55,8 @@ class Evaluator:
         max_dets: COCO detections kept per image (AP read at the largest).
         mask_threshold: probability masks (float) are binarised at ``> mask_threshold``.
         extra_metrics: also return splits/merges counts, COCO AP per area range, ``bbox_AP50``,
-            and precision/recall/pq at every threshold.
+            precision/recall/pq at every threshold, and segmentation quality and recall per
+            object-size bin (``sq@t``, ``recall@t_d12-24``, ...; see ``matching.size_counts``).
     """
 
     def __init__(
@@ -171,13 +172,15 @@ class Evaluator:
         rec["scored"] = gt_lab is not None
         if gt_lab is not None:
             ov = matching.Overlaps.from_labels(gt_lab, pred_lab)
-            counts = {t: matching.match_overlaps(ov, t).counts for t in self._thresholds}
+            matched = {t: matching.match_overlaps(ov, t) for t in self._thresholds}
+            counts = {t: m.counts for t, m in matched.items()}
             rec["counts"] = {t: (c.tp, c.fp, c.fn, c.sum_iou) for t, c in counts.items()}
             rec["dsb_score"] = float(np.mean([counts[round(t, 6)].csi for t in matching.DSB_THRESHOLDS]))
             rec["dice"] = matching.dice(gt_lab, pred_lab)
             rec["jaccard"] = matching.jaccard(gt_lab, pred_lab)
             rec["pixel_accuracy"] = matching.pixel_accuracy(gt_lab, pred_lab)
             if self.extra_metrics:
+                rec["size_counts"] = matching.size_counts(ov, matched[round(self.iou_thresholds[0], 6)])
                 sig = matching.significant_pairs(ov)
                 rec["n_splits"] = int(np.sum(np.bincount(ov.gi[sig], minlength=ov.gt_ids.size) >= 2))
                 rec["n_merges"] = int(np.sum(np.bincount(ov.pi[sig], minlength=ov.pred_ids.size) >= 2))
@@ -241,6 +244,19 @@ class Evaluator:
                 groups.setdefault(str(name), []).append(rec)
         return {name: self._metrics(recs) for name, recs in sorted(groups.items())}
 
+    def _size_metrics(self, scored: list[dict]) -> dict[str, float]:
+        """``sq@t`` and, per GT size bin, ``recall@t_<bin>`` (share found) and ``sq@t_<bin>`` (mean
+        IoU of those found), ``n_gt_<bin>``: where a model loses objects, and how well it outlines."""
+        t = _tkey(self.iou_thresholds[0])
+        names = matching.size_bin_names()
+        total = sum((r["size_counts"] for r in scored), np.zeros((len(names), 3)))
+        out = {f"sq@{t}": float(total[:, 2].sum() / total[:, 1].sum()) if total[:, 1].sum() else float("nan")}
+        for name, (n_gt, found, iou) in zip(names, total, strict=True):
+            out[f"n_gt_{name}"] = int(n_gt)
+            out[f"recall@{t}_{name}"] = float(found / n_gt) if n_gt else float("nan")
+            out[f"sq@{t}_{name}"] = float(iou / found) if found else float("nan")
+        return out
+
     def _metrics(self, records: list[dict]) -> dict[str, float]:
         nan = float("nan")
         out: dict[str, float] = {"segm_AP": nan, "segm_AP50": nan, "segm_AP75": nan, "bbox_AP": nan}
@@ -278,6 +294,7 @@ class Evaluator:
             out["n_splits"] = int(sum(r.get("n_splits", 0) for r in scored))
             out["n_merges"] = int(sum(r.get("n_merges", 0) for r in scored))
             out["n_images_scored"] = len(scored)
+            out.update(self._size_metrics(scored))
         out["n_images"] = len(records)
         out["n_gt"] = int(sum(r["n_gt"] for r in records))
         out["n_pred"] = int(sum(r["n_pred"] for r in records))

@@ -282,6 +282,32 @@ def pq(gt: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> float:
     return match(gt, pred, threshold).counts.pq
 
 
+#: Object-size bins of :func:`size_counts`: equivalent diameter (px) from each edge to the next.
+SIZE_EDGES: tuple[float, ...] = (0.0, 12.0, 24.0, 48.0)
+
+
+def size_bin_names(edges: Sequence[float] = SIZE_EDGES) -> list[str]:
+    """``d0-12``, ``d12-24``, ..., ``d48+``: one name per bin of :func:`size_counts`."""
+    names = [f"d{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [*names, f"d{edges[-1]:g}+"]
+
+
+def size_counts(ov: Overlaps, matched: Matching, edges: Sequence[float] = SIZE_EDGES) -> np.ndarray:
+    """Per GT size bin (equivalent diameter sqrt(4 area / pi) in px, bins from ``edges``):
+    rows ``[n_gt, n_matched, summed IoU of the matches]`` (B×3, float64; add them to pool).
+
+    Tells a detection failure (small objects missed: low matched share) from a mask failure
+    (large objects found but outlined coarsely: low IoU per match)."""
+    diameters = np.sqrt(4.0 * ov.gt_areas / np.pi)
+    bins = np.searchsorted(np.asarray(edges, np.float64), diameters, side="right") - 1
+    out = np.zeros((len(edges), 3))
+    np.add.at(out[:, 0], bins, 1.0)
+    where = np.searchsorted(ov.gt_ids, matched.gt_ids)
+    np.add.at(out[:, 1], bins[where], 1.0)
+    np.add.at(out[:, 2], bins[where], matched.ious)
+    return out
+
+
 def significant_pairs(ov: Overlaps, min_fraction: float = 0.5) -> np.ndarray:
     """Boolean K: overlap pairs whose intersection holds >= ``min_fraction`` of the smaller object."""
     smaller = np.minimum(ov.gt_areas[ov.gi], ov.pred_areas[ov.pi])
