@@ -1,6 +1,6 @@
 """Prediction speed, memory and accuracy of the real ``predict.py`` path, in one run.
 
-    python bench/predict_speed.py [--model nuclei] [--setting fast:precision=auto,tta=false] \
+    python bench/predict_speed.py [--model nuclei] [--model mrcnn=path/calibrated.ckpt] [--setting fast:precision=auto,tta=false] \
         [--threads 2] [--big 8000] [--label after] [--out bench/results/predict_speed]
 
 For every model and setting (predict.py overrides), on the held-out annotated images
@@ -82,7 +82,11 @@ def folder_of(images: list[dict], folder: Path) -> Path:
 
 
 def model_arg(model: str) -> list[str]:
-    """predict.py's model option; none for ``auto`` (the default, also of versions without the option)."""
+    """predict.py's model option: ``NAME=CHECKPOINT`` a trained file (``ckpt_path``), else a shipped
+    model's name; none for ``auto`` (the default, also of versions without the option)."""
+    _, is_file, path = model.partition("=")
+    if is_file:
+        return [f"ckpt_path={path}"]
     return [] if model == "auto" else [f"model={model}"]
 
 
@@ -226,7 +230,7 @@ def markdown(label: str, results: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", default=[], help="shipped model name (repeatable; default nuclei)")
+    p.add_argument("--model", action="append", default=[], help="a shipped model's name, or NAME=CHECKPOINT (repeatable; default nuclei)")
     p.add_argument("--setting", action="append", default=[],
                    help="NAME:key=value,key=value predict.py overrides (repeatable; default 'default:')")
     p.add_argument("--threads", type=int, default=None, help="threads=N for every run (default: predict.py's)")
@@ -252,9 +256,9 @@ def main(argv: list[str] | None = None) -> None:
                 overrides = [o for o in spec.split(",") if o]
                 if args.threads:
                     overrides.append(f"threads={args.threads}")
-                key = f"{model}, {name}"
+                key = f"{model.partition('=')[0]}, {name}"
                 print(f"== {key}: {overrides}", flush=True)
-                sub = work / f"{model}_{name}"
+                sub = work / f"{model.partition('=')[0]}_{name}"
                 r = warm_and_accuracy(model, overrides, {**speed_sets, "_by_source": sets["_by_source"]}, sub,
                                       timed="speed" not in skip, scored="accuracy" not in skip)
                 if "cold" not in skip:

@@ -251,3 +251,11 @@ def test_predict_speed_scores_label_tiffs_against_coco_masks_and_builds_a_16bit_
     pixels = read_image(field)
     assert pixels.shape == (150, 150) and pixels.dtype == np.uint16
     assert len(np.unique(pixels)) == 2  # only the grey disk image, tiled (the stained one is skipped)
+
+
+def test_predict_speed_times_a_shipped_model_or_a_checkpoint_file():
+    speed = _load_script("predict_speed")
+    assert speed.model_arg("nuclei_he") == ["model=nuclei_he"]
+    assert speed.model_arg("auto") == []
+    assert speed.model_arg("mrcnn=outputs/run/checkpoints/calibrated.ckpt") == [
+        "ckpt_path=outputs/run/checkpoints/calibrated.ckpt"]
