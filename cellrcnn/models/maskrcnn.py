@@ -59,6 +59,12 @@ class ChannelsLastMaskPredictor(MaskRCNNPredictor):
     that way than on the default layout, and this layer runs on every detection: in a crowded
     1-megapixel field it cost as much as the whole backbone. Same parameters, same outputs."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # weights in the layout their gradients come in: DDP's gradient buckets follow the
+        # parameters' strides, and a mismatch costs a copy per step and a warning in every log
+        self.to(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
