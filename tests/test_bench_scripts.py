@@ -276,3 +276,22 @@ def test_inference_backends_agree_with_float32_on_a_small_unet():
         diff = (backends.probabilities(builders[name]()()) - reference).abs().max()
         assert 0 < float(diff) < 0.05, name  # reduced precision: close, not identical
     assert backends.best_of(lambda: None, 2) >= 0
+
+
+def test_maskrcnn_limits_anchor_iou_and_mask_round_trip():
+    limits = _load_script("maskrcnn_limits")
+    grid = limits.anchor_grid([8, 16], [1.0])
+    assert [stride for stride, _, _ in grid] == [4, 8]
+    # a 16×16 box centred on a stride-8 grid point: the 16-px square anchor fits it exactly;
+    # shifted by 4 px (half a stride) in x and y the best anchor overlaps (12·12) / (2·256 − 144)
+    boxes = np.array([[8.0, 8, 24, 24], [12, 12, 28, 28]])
+    np.testing.assert_allclose(limits.best_anchor_iou(boxes, grid), [1.0, 144 / 368])
+    # a 2:1 anchor of the same area (22.6 × 11.3 px) overlaps the shifted box more
+    assert limits.best_anchor_iou(boxes[1:], limits.anchor_grid([8, 16], [0.5, 1.0]))[0] > 0.4
+    yy, xx = np.mgrid[:60, :60]
+    disk = (yy - 30) ** 2 + (xx - 30) ** 2 <= 15**2
+    ys, xs = np.nonzero(disk)
+    box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    ious = limits.mask_head_iou(disk, box)
+    assert 0.9 < ious["torchvision"] < ious["cellrcnn@0.4"] and ious["cellrcnn@0.4"] > 0.98
+    assert limits.size_bins(np.array([5.0, 12.0, 30, 80])).tolist() == [0, 1, 2, 3]
