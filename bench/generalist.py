@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def error_table(results: dict) -> list[str]:
         for row in res["by_group"]:
             if row["field"] != "source" or "sq@0.5" not in row:
                 continue
-            cells = [f"{int(row[f'n_gt_{b}'])}, {row[f'recall@0.5_{b}']:.2f}, {row[f'sq@0.5_{b}']:.2f}"
+            cells = [f"{int(row[f'n_gt_{b}'])}, {row[f'recall@0.5_{b}']:.2f}, " + (
+                     "–" if math.isnan(row[f"sq@0.5_{b}"]) else f"{row[f'sq@0.5_{b}']:.2f}")
                      if row[f"n_gt_{b}"] else "–" for b in bins]
             lines.append(f"| {row['group']} | {key} | " + " | ".join(cells) +
                          f" | {int(row['n_splits'])} | {int(row['n_merges'])} |")
