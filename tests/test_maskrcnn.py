@@ -240,6 +240,7 @@ def test_predict_instances_equals_torchvision_forward():
     (its masks are pasted differently: see test_paste_masks_inverts_the_mask_heads_training_targets)."""
     torch.manual_seed(0)
     module = MaskRCNNModule(net=TINY, score_threshold=0.0)
+    module.precision = "float32"  # as torchvision's forward
     image, _ = disks()
     module.eval()
     with torch.no_grad():
@@ -280,3 +281,21 @@ def test_anchor_scales_per_octave():
     assert three.rpn.head.cls_logits.out_channels == 3 * one.rpn.head.cls_logits.out_channels == 9
     with pytest.raises(ValueError, match="anchor_scales"):
         build_maskrcnn(**{**TINY, "anchor_scales": 0})
+
+
+def test_bf16_runs_the_backbone_only():
+    """``detect(bf16=True)``: the backbone and pyramid under bfloat16 autocast, the RPN and RoI
+    heads on float32 features."""
+    from cellrcnn.models.maskrcnn import build_maskrcnn, detect
+
+    net = build_maskrcnn(**TINY).eval()
+    seen = {}
+    net.backbone.body.layer1.register_forward_hook(lambda m, i, o: seen.__setitem__("backbone", o.dtype))
+    net.rpn.head.register_forward_hook(lambda m, i, o: seen.__setitem__("rpn", i[0][0].dtype))
+    net.roi_heads.mask_head.register_forward_hook(lambda m, i, o: seen.__setitem__("mask_head", o.dtype))
+    image, _ = disks()
+    detect(net, [image], bf16=True)
+    assert seen["backbone"] == torch.bfloat16 and seen["rpn"] == torch.float32
+    assert seen.get("mask_head", torch.float32) == torch.float32
+    detect(net, [image], bf16=False)
+    assert seen["backbone"] == torch.float32

@@ -114,8 +114,8 @@ class UNetPredictor(Predictor):
 
 class MaskRCNNPredictor(Predictor):
     """Mask R-CNN: detections above the score threshold, their masks painted into one label
-    image (overlaps to the higher score). It runs in float32 whatever ``precision`` says:
-    torchvision's detection heads are not validated under bfloat16 autocast."""
+    image (overlaps to the higher score). ``precision`` applies to the backbone and feature
+    pyramid; the detection heads run in float32 (see :func:`cellrcnn.models.maskrcnn.detect`)."""
 
     preferred_tile_size = 1024  # 256-channel feature pyramids: four times the U-Net's memory per pixel
     whole_image_up_to = 1024
@@ -133,18 +133,14 @@ class MaskRCNNPredictor(Predictor):
     def score_threshold(self, value: float) -> None:
         self.net.roi_heads.score_thresh = float(value)
 
-    @property
-    def bf16(self) -> bool:
-        return False
-
     @torch.inference_mode()
     def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         from cellrcnn.data.masks import object_slices
         from cellrcnn.models.maskrcnn import detect, paste_label_image
 
         out = []
-        for det, image in zip(detect(self.net, [im.to(self.device, torch.float32) for im in images]), images,
-                              strict=True):
+        batch = [im.to(self.device, torch.float32) for im in images]
+        for det, image in zip(detect(self.net, batch, bf16=self.bf16), images, strict=True):
             scores = det["scores"].float().cpu()
             labels = paste_label_image(det["mask_probs"], det["boxes"].float().cpu(), scores,
                                        tuple(image.shape[-2:]), self.mask_threshold)

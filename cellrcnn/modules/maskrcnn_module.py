@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..models.maskrcnn import build_maskrcnn, detect, paste_label_image, paste_masks
+from ..models.precision import use_bf16
 from .base import InstanceSegModule
 
 # calibration grid (cellrcnn.evaluation.calibrate); the module's current values are added to it
@@ -52,6 +53,7 @@ class MaskRCNNModule(InstanceSegModule):
         self.in_channels = int((net or {}).get("in_channels", 3))
         self.score_threshold = score_threshold
         self.mask_threshold = mask_threshold
+        self.precision = "auto"  # of inference (cellrcnn.models.precision); not a hyper-parameter
 
     @property
     def score_threshold(self) -> float:
@@ -111,11 +113,13 @@ class MaskRCNNModule(InstanceSegModule):
     @torch.no_grad()
     def detect(self, images: list[torch.Tensor]) -> list[dict]:
         """Detections of :func:`cellrcnn.models.maskrcnn.detect` scoring above ``score_threshold``
-        (``boxes``, ``scores``, ``labels``, unpasted ``mask_probs``), in decreasing score order."""
+        (``boxes``, ``scores``, ``labels``, unpasted ``mask_probs``), in decreasing score order; the
+        backbone in bfloat16 where ``precision`` (``auto``: where the hardware computes it) says so."""
         was_training = self.net.training
         self.net.eval()
         try:
-            return detect(self.net, [im.to(self.device, torch.float32) for im in images])
+            return detect(self.net, [im.to(self.device, torch.float32) for im in images],
+                          bf16=use_bf16(self.precision, self.device))
         finally:
             self.net.train(was_training)
 
