@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .api import checkpoint_path
 
     model = load_module(checkpoint_path(cfg.ckpt_path))  # a file, or a shipped model's name
+    model.precision = str(cfg.get("precision") or "auto")
     set_score_threshold(model, cfg.get("score_threshold"))
     datamodule = instantiate(cfg.data, **input_settings(model))
     datamodule.prepare_data()

@@ -47,6 +47,21 @@ def test_evaluate_writes_metrics_and_overlays(trained, tmp_path):
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
 
 
+def test_evaluate_precision_option(trained, tmp_path):
+    """precision= as in predict.py: float32 and bfloat16 both score; an unknown value is named."""
+    ckpt, root = trained
+    base = [f"ckpt_path={ckpt}", "data=synthetic", f"data.root={root}", *DATA, "overlays=0", "threads=1"]
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        (tmp_path / precision).mkdir()
+        scores[precision] = evaluate_run(compose_config("evaluate", [*base, f"precision={precision}"],
+                                                        tmp_path / precision))["dsb_score"]
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        evaluate_run(compose_config("evaluate", [*base, "precision=half"], tmp_path / "bad"))
+
+
 def test_metrics_table_formats():
     table = metrics_table({"n_images": 3.0, "dsb_score": 0.51234, "segm_AP": float("nan")}, "t")
     assert table.splitlines()[4:] == ["| dsb_score | 0.5123 |", "| segm_AP | n/a |", "| n_images | 3 |"]
