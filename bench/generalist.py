@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHOWN = ("dsb_score", "f1@0.5", "pq@0.5")
 
 
-def evaluate(ckpt: str, diameter: str, split: str, out: Path, sources: list[str], threads: int) -> dict:
+def evaluate(ckpt: str, diameter: str, split: str, out: Path, extra: list[str], threads: int) -> dict:
     from cellrcnn.config import compose_config
     from cellrcnn.evaluate import run
 
     overrides = [f"ckpt_path={ckpt}", "data=nuclei_mix", f"split={split}", f"diameter={diameter}",
-                 "overlays=0", f"threads={threads}", "extra_metrics=true", *sources]
+                 "overlays=0", f"threads={threads}", "extra_metrics=true", *extra]
     start = time.perf_counter()
     metrics = run(compose_config("evaluate", overrides, out))
     result = json.loads((out / "metrics.json").read_text())
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--source", action="append", default=[],
                    help="data.sources override, e.g. data.sources.monuseg=null (repeatable)")
+    p.add_argument("--set", action="append", default=[], dest="settings",
+                   help="an evaluate.py option for every run, e.g. precision=float32 (repeatable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generalist")
     args = p.parse_args(argv)
@@ -95,11 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         for diameter in args.diameters.split(","):
             key = f"{name}, diameter={diameter}"
             print(f"[generalist] {key}", flush=True)
-            results[key] = evaluate(ckpt, diameter, args.split, args.out / f"{name}_{diameter}", args.source,
-                                    args.threads)
+            results[key] = evaluate(ckpt, diameter, args.split, args.out / f"{name}_{diameter}",
+                                    [*args.source, *args.settings], args.threads)
             results[key]["checkpoint"] = ckpt
     command = "python bench/generalist.py " + " ".join(f"--model {m}" for m in args.model) + \
-        f" --diameters {args.diameters} --split {args.split}"
+        f" --diameters {args.diameters} --split {args.split}" + "".join(f" --set {o}" for o in args.settings)
     write(args.out, results, command, args.split)
 
 
