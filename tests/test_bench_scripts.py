@@ -295,3 +295,18 @@ def test_maskrcnn_limits_anchor_iou_and_mask_round_trip():
     ious = limits.mask_head_iou(disk, box)
     assert 0.9 < ious["torchvision"] < ious["cellrcnn@0.4"] and ious["cellrcnn@0.4"] > 0.98
     assert limits.size_bins(np.array([5.0, 12.0, 30, 80])).tolist() == [0, 1, 2, 3]
+
+
+def test_maskrcnn_limits_torchvision_label_image_paints_by_score():
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from cellrcnn.data.masks import masks_to_label_image
+
+    limits = _load_script("maskrcnn_limits")
+    probs = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[10.0, 12, 40, 30], [20, 15, 45, 35], [0, 0, 15, 9], [30, 20, 50, 40], [5, 5, 25, 25]])
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.7, 0.6])
+    labels = limits.torchvision_label_image(probs, boxes, scores, (48, 64), 0.5, chunk=2)
+    expected = masks_to_label_image((paste_masks_in_image(probs, boxes, (48, 64))[:, 0] > 0.5).numpy(), scores.numpy())
+    np.testing.assert_array_equal(labels, expected)
