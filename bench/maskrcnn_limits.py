@@ -145,21 +145,24 @@ def trained_model_pastes(data: Path, source: str, ckpt: Path) -> dict:
                   "images": len(v)} for key, v in scores.items()}
 
 
-def _gt_label_images(d: dict) -> list[np.ndarray]:
-    from pycocotools import mask as mask_utils
-
+def _annotations_by_image(d: dict) -> dict[int, list]:
+    """A COCO file's non-crowd annotations with a mask, per image id."""
     by_image: dict[int, list] = {}
     for a in d["annotations"]:
         if a.get("segmentation") and not a.get("iscrowd"):
             by_image.setdefault(a["image_id"], []).append(a)
+    return by_image
+
+
+def _gt_label_images(d: dict) -> list[np.ndarray]:
+    from cellrcnn.data.masks import decode_segmentation
+
+    by_image = _annotations_by_image(d)
     out = []
     for im in d["images"]:
-        h, w = im["height"], im["width"]
-        labels = np.zeros((h, w), np.int32)
+        labels = np.zeros((im["height"], im["width"]), np.int32)
         for k, a in enumerate(by_image.get(im["id"], []), start=1):
-            seg = a["segmentation"]
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
-            labels[mask_utils.decode(rle if isinstance(rle, dict) else mask_utils.merge(rle)).astype(bool)] = k
+            labels[decode_segmentation(a["segmentation"], im["height"], im["width"]) > 0] = k
         out.append(labels)
     return out
 
@@ -173,25 +176,18 @@ def size_bins(diameters: np.ndarray) -> np.ndarray:
 def source_images(data: Path, source: str, split: str):
     """Per image of a converted source's split: (boxes xyxy N×4, a function giving mask k as
     H×W bool, diameters N) of its objects with masks."""
-    from pycocotools import mask as mask_utils
-
+    from cellrcnn.data.masks import decode_segmentation
     from cellrcnn.data.sizes import equivalent_diameter
 
     d = json.loads((data / source / "annotations" / f"{split}.json").read_text())
-    by_image: dict[int, list] = {}
-    for a in d["annotations"]:
-        if a.get("segmentation") and not a.get("iscrowd"):
-            by_image.setdefault(a["image_id"], []).append(a)
+    by_image = _annotations_by_image(d)
     for im in d["images"]:
         anns = by_image.get(im["id"], [])
         if not anns:
             continue
-        h, w = im["height"], im["width"]
 
-        def mask(k: int, anns=anns, h=h, w=w) -> np.ndarray:
-            seg = anns[k]["segmentation"]
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
-            return mask_utils.decode(rle if isinstance(rle, dict) else mask_utils.merge(rle)).astype(bool)
+        def mask(k: int, anns=anns, h=im["height"], w=im["width"]) -> np.ndarray:
+            return decode_segmentation(anns[k]["segmentation"], h, w).astype(bool)
 
         boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)], np.float64)
         yield boxes, mask, equivalent_diameter([a["area"] for a in anns])

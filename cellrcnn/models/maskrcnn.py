@@ -264,7 +264,8 @@ def detect(model: MaskRCNN, images: Sequence[torch.Tensor], bf16: bool = False) 
     batch, _ = model.transform(list(images))
     with torch.autocast(batch.tensors.device.type, dtype=torch.bfloat16, enabled=bf16):
         features = model.backbone(batch.tensors)
-    features = type(features)((name, f.float()) for name, f in features.items())
+    if bf16:  # the heads take float32 features
+        features = type(features)((name, f.float()) for name, f in features.items())
     proposals, _ = model.rpn(batch, features)
     detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     for det, size, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
