@@ -278,7 +278,8 @@ class Segmenter:
 
     def __repr__(self) -> str:
         return (f"Segmenter({self.name!r}, {type(self.module).__name__}, channels={self.settings['channels']}, "
-                f"invert_bright={self.settings['invert_bright']}, object_diameter={self.object_diameter})")
+                f"invert_bright={self.settings['invert_bright']}, hematoxylin={self.settings.get('hematoxylin', False)}, "
+                f"object_diameter={self.object_diameter})")
 
 
 class AutoSegmenter:

@@ -284,12 +284,13 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return image.mean(axis=-1, keepdims=True)
 
 
-def load_image(path: str | Path, channels: int = 3, invert_bright: bool = False) -> np.ndarray:
+def load_image(path: str | Path, channels: int = 3, invert_bright: bool = False,
+               hematoxylin: bool = False) -> np.ndarray:
     """Model input from a file: float32 C×H×W, percentile-normalised (see :func:`prepare_image`)."""
     raw = read_image(path)
     if raw.dtype == bool:
         raw = raw.astype(np.uint8)
-    return prepare_image(raw, channels, invert_bright)
+    return prepare_image(raw, channels, invert_bright, hematoxylin)
 
 
 # Colour-stained tissue (H&E, IHC) has dark nuclei however densely it fills the field: its
@@ -323,14 +324,60 @@ def bright_background(image: np.ndarray, stained: bool = False) -> bool:
     return median > 0.5 or (stained and median > STAINED_MIN_MEDIAN)
 
 
-def prepare_image(raw: np.ndarray, channels: int = 3, invert_bright: bool = False) -> np.ndarray:
+# Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB optical density per R, G, B;
+# skimage.color.rgb_from_hed): colour deconvolution separates the nuclear stain from the rest
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HEMATOXYLIN_FROM_OD = np.linalg.inv(_RGB_FROM_HED)[:, 0].astype(np.float32)
+
+
+def hematoxylin_density(rgb: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarray:
+    """H×W×3 colour-stained pixels (any dtype) -> H×W float32 optical density of the hematoxylin
+    stain (colour deconvolution): nuclei bright, background and eosin-stained tissue dark.
+
+    Mean grey makes pink cytoplasm almost as dark as purple nuclei; the hematoxylin density keeps
+    the contrast that the stain was chosen for, whatever the lab's stain balance. Computed in row
+    chunks, so a whole-slide field never needs a float copy of all three channels.
+    """
+    rgb = np.asarray(rgb)[..., :3]
+    if rgb.dtype.kind in "ui":
+        top, eps = float(np.iinfo(rgb.dtype).max), 1.0
+    else:
+        top = max(float(np.nanmax(rgb)), 1e-6)
+        eps = top / 255.0  # the 8-bit offset, so a black pixel has a finite density
+    out = np.empty(rgb.shape[:2], np.float32)
+    for y in range(0, rgb.shape[0], rows_per_chunk):
+        strip = rgb[y : y + rows_per_chunk].astype(np.float32)
+        density = -np.log((strip + eps) / (top + eps))  # Beer-Lambert: optical density per channel
+        np.maximum(density @ _HEMATOXYLIN_FROM_OD, 0.0, out=out[y : y + rows_per_chunk])
+    return out
+
+
+def is_stained_tissue(raw: np.ndarray, max_samples: int = 1 << 20) -> bool:
+    """Whether raw H×W×C pixels show colour-stained tissue (H&E, IHC): colour (:func:`is_stained`)
+    on a bright background (:func:`bright_background`), read from a strided subsample so that a
+    whole-slide field costs a few MB. Colour fluorescence composites (dark background) are not."""
+    raw = np.asarray(raw)
+    if raw.ndim != 3 or raw.shape[-1] < 3:
+        return False
+    step = max(1, int(np.ceil(np.sqrt(raw.shape[0] * raw.shape[1] / max_samples))))
+    sample = raw[::step, ::step, :3]
+    return is_stained(sample) and bright_background(normalize_percentile(to_channels(sample, 1)), stained=True)
+
+
+def prepare_image(raw: np.ndarray, channels: int = 3, invert_bright: bool = False,
+                  hematoxylin: bool = False) -> np.ndarray:
     """Raw H×W(×C) pixels -> float32 C×H×W normalised model input.
 
     ``invert_bright``: an image with a bright background becomes ``1 - image``, so every
     modality reaches the model as bright objects on a dark background. Decided on the whole
     image (a training crop or a tile could be mostly object).
+    ``hematoxylin``: colour-stained tissue (:func:`is_stained_tissue`) becomes its hematoxylin
+    density (:func:`hematoxylin_density`) instead, already bright nuclei on a dark background.
     """
     raw = np.asarray(raw)
+    if hematoxylin and is_stained_tissue(raw):
+        image = normalize_percentile(to_channels(hematoxylin_density(raw), channels))
+        return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
     image = normalize_percentile(to_channels(raw, channels))
     if invert_bright and bright_background(image, stained=is_stained(raw)):
         image = 1.0 - image

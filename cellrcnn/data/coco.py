@@ -137,6 +137,7 @@ class CocoInstanceDataset(Dataset):
         image_root: folder of the images; default ``<annotation_file>/../../images``.
         channels: 1 or 3 model input channels (grey repeated, colour averaged).
         invert_bright: invert images with a bright background (see :func:`cellrcnn.io.prepare_image`).
+        hematoxylin: colour-stained tissue becomes its hematoxylin density (ditto).
         transforms: optional ``t(image C×H×W float32, target dict of numpy) -> (image, target)``.
 
     ``ds[i]`` -> (float32 tensor C×H×W percentile-normalised, Target with N kept instances).
@@ -149,13 +150,14 @@ class CocoInstanceDataset(Dataset):
         channels: int = 3,
         transforms: TransformFn | None = None,
         invert_bright: bool = False,
+        hematoxylin: bool = False,
     ) -> None:
         self.annotation_file = Path(annotation_file)
         self.image_root = (
             Path(image_root) if image_root is not None else self.annotation_file.parent.parent / "images"
         )
         self.channels = channels
-        self.invert_bright = invert_bright
+        self.invert_bright, self.hematoxylin = invert_bright, hematoxylin
         self.transforms = transforms
         data = load_coco_json(self.annotation_file)
         self.info = data.get("info", {})
@@ -289,7 +291,7 @@ class CocoInstanceDataset(Dataset):
     def load_numpy(self, index: int, window: Window | None = None, min_area: int = 1) -> tuple[np.ndarray, dict]:
         """(image float32 C×H×W, numpy target) before transforms; ``window`` as :meth:`load_target`
         (the image is normalised as a whole, then cropped)."""
-        image = prepare_image(self.load_raw(index), self.channels, self.invert_bright)
+        image = prepare_image(self.load_raw(index), self.channels, self.invert_bright, self.hematoxylin)
         if window is not None:
             y0, x0, h, w = window
             image = np.ascontiguousarray(image[:, y0 : y0 + h, x0 : x0 + w])

@@ -150,6 +150,9 @@ class CellDataModule(L.LightningDataModule):
         invert_bright: invert images with a bright background (brightfield, H&E) so every
             modality shows bright objects on dark (see :func:`cellrcnn.io.prepare_image`); the
             model records it when fitting starts, so inference prepares images the same way.
+        hematoxylin: colour-stained tissue (H&E, IHC) becomes its hematoxylin density, nuclei
+            bright, rather than inverted mean grey (see :func:`cellrcnn.io.prepare_image`);
+            recorded by the model like ``invert_bright``.
         crop_size: training crop in pixels (None: full images); smaller images are zero-padded.
         batch_size: training batch size; ``eval_batch_size`` for val/test (default the same).
         num_workers: DataLoader workers (0 loads in the main process).
@@ -185,12 +188,13 @@ class CellDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         balance: str | None = None,
         invert_bright: bool = False,
+        hematoxylin: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.channels, self.crop_size, self.batch_size = channels, crop_size, batch_size
-        self.invert_bright = bool(invert_bright)
+        self.invert_bright, self.hematoxylin = bool(invert_bright), bool(hematoxylin)
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.augment, self.seed = num_workers, augment, seed
         self.min_area, self.invert_p = min_area, invert_p
@@ -228,7 +232,7 @@ class CellDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> CocoInstanceDataset:
         return CocoInstanceDataset(
             self.annotation_file(split), image_root=self.root / "images", channels=self.channels,
-            invert_bright=self.invert_bright,
+            invert_bright=self.invert_bright, hematoxylin=self.hematoxylin,
         )
 
     def setup(self, stage: str | None = None) -> None:

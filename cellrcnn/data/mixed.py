@@ -164,7 +164,8 @@ class MixedDataModule(CellDataModule):
 
     def _source_dataset(self, source: Source, split: str) -> CocoInstanceDataset:
         return CocoInstanceDataset(self.source_annotation_file(source, split), image_root=source.root / "images",
-                                   channels=self.channels, invert_bright=self.invert_bright)
+                                   channels=self.channels, invert_bright=self.invert_bright,
+                                   hematoxylin=self.hematoxylin)
 
     def factors(self, source: Source, split: str, dataset: CocoInstanceDataset | None = None) -> np.ndarray:
         """Resize factor of every image of a source's split (see the module docstring)."""

@@ -98,15 +98,15 @@ def pick_images(n_total: int, limit: int | None) -> list[int]:
 
 class CalibrationSamples:
     """Up to ``limit`` (image, target) pairs spread over a COCO file, full size, prepared as the
-    model sees them (``channels``, ``invert_bright``: a module's ``input_settings``); read one at a
+    model sees them (``channels``, ``invert_bright``, ``hematoxylin``: a module's ``input_settings``); read one at a
     time as :func:`calibrate` takes them, so a calibration stopped by its deadline reads no more."""
 
     def __init__(self, annotations: Path, image_root: Path, limit: int | None, channels: int = 3,
-                 invert_bright: bool = False) -> None:
+                 invert_bright: bool = False, hematoxylin: bool = False) -> None:
         from ..data.coco import CocoInstanceDataset
 
         self.dataset = CocoInstanceDataset(annotations, image_root=image_root, channels=channels,
-                                           invert_bright=invert_bright)
+                                           invert_bright=invert_bright, hematoxylin=hematoxylin)
         self.indices = pick_images(len(self.dataset), limit)
 
     def __len__(self) -> int:
@@ -117,7 +117,8 @@ class CalibrationSamples:
 
 
 def load_samples(annotations: Path, image_root: Path, limit: int | None, channels: int = 3,
-                 invert_bright: bool = False) -> list[tuple[torch.Tensor, dict]]:
+                 invert_bright: bool = False, hematoxylin: bool = False) -> list[tuple[torch.Tensor, dict]]:
     """:class:`CalibrationSamples` read into a list at once."""
-    return list(tqdm(CalibrationSamples(annotations, image_root, limit, channels, invert_bright), desc="loading",
+    samples = CalibrationSamples(annotations, image_root, limit, channels, invert_bright, hematoxylin)
+    return list(tqdm(samples, desc="loading",
                      leave=False))

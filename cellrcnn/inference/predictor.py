@@ -62,10 +62,11 @@ class Predictor:
 
     @property
     def input_settings(self) -> dict[str, Any]:
-        """How images are prepared for this model (``channels``, ``invert_bright``), as
-        :attr:`cellrcnn.modules.base.InstanceSegModule.input_settings`."""
+        """How images are prepared for this model (``channels``, ``invert_bright``, ``hematoxylin``),
+        as :attr:`cellrcnn.modules.base.InstanceSegModule.input_settings`."""
         return {"channels": int(dict(self.hparams).get("net", {}).get("in_channels", 3)),
-                "invert_bright": bool(self.hparams.get("invert_bright", False))}
+                "invert_bright": bool(self.hparams.get("invert_bright", False)),
+                "hematoxylin": bool(self.hparams.get("hematoxylin", False))}
 
     def predict_labels(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         """Per C×H×W float image: ``label_image`` int32 H×W (objects 1..N) and ``scores``

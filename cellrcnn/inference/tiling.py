@@ -358,21 +358,25 @@ def predict_image(
     overlap: int = 128,
     progress: bool = True,
     invert_bright: bool = False,
+    hematoxylin: bool = False,
 ) -> TiledPrediction:
     """Labels and scores of one raw image (H×W or H×W×C, any dtype, as :func:`cellrcnn.io.read_image`
     returns it), tiled when larger than ``tile_size``.
 
     An image that fits one tile gets exactly the evaluation preprocessing
     (:func:`cellrcnn.io.prepare_image`); a larger one stays raw in memory and each tile is
-    normalised with percentiles of the whole image. ``invert_bright``: see :func:`cellrcnn.io.prepare_image`.
+    normalised with percentiles of the whole image. ``invert_bright``, ``hematoxylin``: see
+    :func:`cellrcnn.io.prepare_image`.
     """
-    from cellrcnn.io import prepare_image
+    from cellrcnn.io import hematoxylin_density, is_stained_tissue, prepare_image
 
     raw = np.asarray(raw)
     if raw.dtype == bool:
         raw = raw.view(np.uint8)
     if max(raw.shape[:2]) <= tile_size:
-        return predict_tiled(prepare_image(raw, channels, invert_bright), predict_fn, tile_size, overlap, progress=False)
+        return predict_tiled(prepare_image(raw, channels, invert_bright, hematoxylin), predict_fn, tile_size, overlap, progress=False)
+    if hematoxylin and is_stained_tissue(raw):  # one float plane, as prepare_image would make it
+        raw, invert_bright = hematoxylin_density(raw), False
     chw = raw[None] if raw.ndim == 2 else np.moveaxis(raw, -1, 0)  # a view: no copy of a large image
     return predict_tiled(chw, predict_fn, tile_size, overlap, progress, channels=channels, normalize=True,
                          invert_bright=invert_bright)

@@ -191,17 +191,24 @@ class InstanceSegModule(L.LightningModule):
         return bool(self.hparams.get("invert_bright", False))
 
     @property
+    def hematoxylin(self) -> bool:
+        """Colour-stained tissue reaches this model as its hematoxylin density
+        (:func:`cellrcnn.io.prepare_image`); False in older checkpoints."""
+        return bool(self.hparams.get("hematoxylin", False))
+
+    @property
     def input_settings(self) -> dict[str, Any]:
         """How images are prepared for this model: keyword arguments (``channels``,
-        ``invert_bright``) of :func:`cellrcnn.io.prepare_image`, ``CocoInstanceDataset`` and
+        ``invert_bright``, ``hematoxylin``) of :func:`cellrcnn.io.prepare_image`, ``CocoInstanceDataset`` and
         ``predict_image``, so every entry point feeds it images as it was trained on."""
         return {"channels": int(dict(self.hparams).get("net", {}).get("in_channels", 3)),
-                "invert_bright": self.invert_bright}
+                "invert_bright": self.invert_bright, "hematoxylin": self.hematoxylin}
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "invert_bright"):
             self.hparams["invert_bright"] = bool(datamodule.invert_bright)
+            self.hparams["hematoxylin"] = bool(getattr(datamodule, "hematoxylin", False))
         if datamodule is None or not getattr(datamodule, "splits", {}).get("train"):
             return
         if self.object_diameter is None:
