@@ -136,6 +136,14 @@ def heldout(results: Path | None, run: str | None) -> dict:
             for name, r in rows.items()}
 
 
+def input_note(card: dict) -> str:
+    """How the card's model sees colour-stained and bright-background images, for its README line."""
+    if card.get("hematoxylin"):
+        return ("; colour-stained tissue (H&E, IHC) is fed as its hematoxylin density (colour deconvolution), "
+                "other images with a bright background (brightfield) are inverted")
+    return "; images with a bright background (brightfield, H&E) are inverted" if card.get("invert_bright") else ""
+
+
 def readme(cards: dict[str, dict]) -> str:
     """The weights folder's README: one section per shipped model, from its card."""
     parts = ["# Shipped models", "",
@@ -151,8 +159,7 @@ def readme(cards: dict[str, dict]) -> str:
         parts += [f"## `{name}` ({card['file']}, {card['size_MB']} MB, {card['stored_dtype']})", "",
                   f"- **Licence of the weights**: {card['licence']}",
                   f"- Model: {card['module']} ({card['parameters'] / 1e6:.1f} M parameters), "
-                  f"{card['input_channels']}-channel input" + ("; images with a bright background (brightfield, "
-                                                              "H&E) are inverted" if card.get("invert_bright") else ""),
+                  f"{card['input_channels']}-channel input" + input_note(card),
                   f"- Trained (from scratch, no ImageNet weights; earlier legs as the command says) on: {sources}; each source's held-out split was never seen.",
                   f"- Training: `{card['training_command']}` ({budget}" + (
                       f" in {len(legs)} legs of {', '.join(f'{m:g}' for m in legs)} min; {card.get('global_step')} "
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         "file": dst.name, "size_MB": round(dst.stat().st_size / 1e6, 2), "stored_dtype": dtype,
         "module": type(model).__name__, "parameters": sum(q.numel() for q in model.parameters()),
         "input_channels": int(dict(model.hparams).get("net", {}).get("in_channels", 3)),
-        "invert_bright": model.invert_bright, "object_diameter_px": round(float(model.object_diameter), 1),
+        "invert_bright": model.invert_bright, "hematoxylin": model.hematoxylin, "object_diameter_px": round(float(model.object_diameter), 1),
         "licence": args.licence, "trained_on": sources, "training_images": len(model.training_images),
         "training_command": "python train.py " + " ".join(o for o in overrides if not o.startswith("callbacks.")),
         "training_budget_min": args.budget_min,

@@ -228,3 +228,28 @@ def test_invert_bright_gives_every_modality_bright_nuclei(mixed_root):
     assert samples[False][5][20:40, 20:40].mean() < 0.1
     for i in range(5):
         np.testing.assert_array_equal(samples[True][i], samples[False][i])
+
+
+def test_hematoxylin_input_and_calibration_images_of_one_modality(mixed_root):
+    """With ``hematoxylin`` the stained field reaches the model as stain density (nucleus bright,
+    pink-white background dark, no inversion needed) and the fluorescence fields as without it;
+    ``CalibrationSamples(modality=...)`` keeps the images of that appearance across files."""
+    from cellrcnn.evaluation.calibrate import CalibrationSamples
+
+    dm = CellDataModule(mixed_root, val_split=None, test_split=None, augment=False, channels=1, hematoxylin=True)
+    dm.setup("fit")
+    stained = dm.datasets["train"][5][0][0].numpy()
+    assert stained[20:40, 20:40].mean() > 0.9 and stained[:20].mean() < 0.1
+    plain = CellDataModule(mixed_root, val_split=None, test_split=None, augment=False, channels=1)
+    plain.setup("fit")
+    np.testing.assert_array_equal(dm.datasets["train"][0][0], plain.datasets["train"][0][0])
+
+    train = mixed_root / "annotations" / "train.json"
+    he = CalibrationSamples([train, train], None, None, channels=1, hematoxylin=True, modality="H&E")
+    assert len(he) == 2
+    for image, target in he:
+        assert image.shape == (1, 80, 80) and image[0, 20:40, 20:40].mean() > 0.9 and len(target["masks"]) == 1
+    assert len(CalibrationSamples([train, train], None, None)) == 12
+    assert len(CalibrationSamples(train, None, 3, modality="fluorescence")) == 3
+    with pytest.raises(ValueError, match="modality"):
+        CalibrationSamples(train, None, None, modality="phase")

@@ -10,7 +10,9 @@ from PIL import Image
 from cellrcnn.io import (
     ImageReadError,
     bright_background,
+    hematoxylin_density,
     is_stained,
+    is_stained_tissue,
     image_files,
     label_dtype,
     load_image,
@@ -148,6 +150,57 @@ def test_invert_bright_recognises_dense_stained_tissue_and_spares_colour_fluores
     assert is_stained(composite)
     np.testing.assert_array_equal(prepare_image(composite, 1, invert_bright=True), prepare_image(composite, 1))
     assert not is_stained(np.repeat(tissue.mean(-1, keepdims=True), 3, axis=-1))
+
+
+def _stained(h_amount: np.ndarray, e_amount: np.ndarray) -> np.ndarray:
+    """8-bit RGB made by Beer-Lambert from hematoxylin and eosin amounts (H×W each) and the
+    stain vectors colour deconvolution assumes: the answer of the deconvolution is known."""
+    from cellrcnn.io import _RGB_FROM_HED
+
+    density = h_amount[..., None] * _RGB_FROM_HED[0] + e_amount[..., None] * _RGB_FROM_HED[1]
+    return np.round(255 * np.exp(-density)).astype(np.uint8)
+
+
+def test_hematoxylin_density_recovers_the_nuclear_stain_and_ignores_eosin():
+    yy, xx = np.mgrid[:64, :64]
+    nuclei = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64) | ((yy - 44) ** 2 + (xx - 40) ** 2 < 81)
+    cytoplasm = (yy < 30) & (xx > 34)  # a quarter of the field, beside the nuclei
+    h_amount = np.where(nuclei, 0.8, 0.0)
+    e_amount = np.where(cytoplasm, 1.2, 0.0)  # more eosin than there is hematoxylin anywhere
+    density = hematoxylin_density(_stained(h_amount, e_amount))
+    assert density.shape == (64, 64) and density.dtype == np.float32
+    np.testing.assert_allclose(density[nuclei], 0.8, atol=0.03)
+    assert density[cytoplasm].max() < 0.03 and density[~nuclei & ~cytoplasm].max() < 0.01
+    # mean grey, inverted, ranks the eosin-rich cytoplasm about as bright as the nuclei
+    grey = prepare_image(_stained(h_amount, e_amount), 1, invert_bright=True)[0]
+    assert grey[cytoplasm].mean() > 0.6 * grey[nuclei].mean()
+    image = prepare_image(_stained(h_amount, e_amount), 1, invert_bright=True, hematoxylin=True)[0]
+    assert image[nuclei].min() > 0.9 and image[~nuclei].max() < 0.05
+    # any bit depth or float scale: the same densities
+    sixteen = _stained(h_amount, e_amount).astype(np.uint16) * 257
+    np.testing.assert_allclose(hematoxylin_density(sixteen)[nuclei], 0.8, atol=0.03)
+    as_float = _stained(h_amount, e_amount).astype(np.float32) / 255
+    np.testing.assert_allclose(hematoxylin_density(as_float), density, atol=1e-4)
+    # computed in row chunks: the same result whatever the chunk
+    np.testing.assert_array_equal(hematoxylin_density(_stained(h_amount, e_amount), rows_per_chunk=7), density)
+
+
+def test_hematoxylin_input_only_for_colour_stained_tissue():
+    """Grey images and colour fluorescence composites (dark background) are prepared exactly as
+    without the option; stained tissue is recognised from the pixels."""
+    yy, xx = np.mgrid[:96, :96]
+    nuclei = (((yy % 24) - 12) ** 2 + ((xx % 24) - 12) ** 2) < 64
+    composite = np.zeros((96, 96, 3), np.uint8)
+    composite[nuclei] = [20, 60, 230]
+    grey = np.where(nuclei, 40, 215).astype(np.uint8)
+    tissue = _stained(np.where(nuclei, 0.9, 0.05), np.full((96, 96), 0.4))
+    assert is_stained_tissue(tissue) and not is_stained_tissue(composite) and not is_stained_tissue(grey)
+    for image in (composite, grey):
+        for channels in (1, 3):
+            np.testing.assert_array_equal(prepare_image(image, channels, True, hematoxylin=True),
+                                          prepare_image(image, channels, True))
+    three = prepare_image(tissue, 3, hematoxylin=True)
+    assert three.shape == (3, 96, 96) and np.array_equal(three[0], three[2])
 
 
 @pytest.mark.parametrize("top, dtype", [(300, np.uint16), (70_000, np.uint32)])

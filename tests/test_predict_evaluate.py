@@ -161,6 +161,7 @@ def test_predict_inverts_bright_backgrounds_for_a_model_trained_so(trained, tmp_
     ckpt, _ = trained
     saved = torch.load(ckpt, weights_only=False)
     assert saved["hyper_parameters"]["invert_bright"] is False  # recorded from the data module
+    assert saved["hyper_parameters"]["hematoxylin"] is False
     saved["hyper_parameters"]["invert_bright"] = True
     torch.save(saved, tmp_path / "inverted.ckpt")
     yy, xx = np.mgrid[:96, :96]

@@ -242,6 +242,24 @@ def test_invert_bright_is_decided_on_the_whole_image_in_both_paths():
     assert np.array_equal(labels > 0, threshold_labels(image) > 0)
 
 
+def test_hematoxylin_input_is_the_same_in_both_paths():
+    """H&E-like disks (hematoxylin) on eosin-stained stroma: with ``hematoxylin`` a bright-object
+    segmenter finds every disk, whether the image is one tile (prepare_image) or 4×4 tiles (one
+    whole-image deconvolution, normalised per tile with whole-image percentiles)."""
+    from cellrcnn.inference.tiling import predict_image
+    from cellrcnn.io import _RGB_FROM_HED
+
+    image, _ = disk_image(seed=3, size=700)
+    density = image[0][..., None] * 0.9 * _RGB_FROM_HED[0] + 0.4 * _RGB_FROM_HED[1]
+    stained = np.round(255 * np.exp(-density)).astype(np.uint8)
+    fn = predict_fn_from_label_fn(threshold_labels)
+    for tile_size in (1024, 256):
+        labels, _ = predict_image(stained, fn, channels=1, tile_size=tile_size, overlap=64, progress=False,
+                                  hematoxylin=True)  # no inversion: the stain density is bright where nuclei are
+        best, n_pred = match_iou(threshold_labels(image), labels)
+        assert n_pred == best.size and (best >= 0.9).all()
+
+
 def test_overlapping_masks_resolved_by_score_and_hidden_objects_dropped():
     """Mask R-CNN masks of one image may overlap: the higher score takes the shared pixels, an
     object hidden completely disappears, and labels stay 1..N with their scores."""

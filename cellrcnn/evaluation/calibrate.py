@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,23 +97,37 @@ def pick_images(n_total: int, limit: int | None) -> list[int]:
 
 
 class CalibrationSamples:
-    """Up to ``limit`` (image, target) pairs spread over a COCO file, full size, prepared as the
-    model sees them (``channels``, ``invert_bright``, ``hematoxylin``: a module's ``input_settings``); read one at a
-    time as :func:`calibrate` takes them, so a calibration stopped by its deadline reads no more."""
+    """Up to ``limit`` (image, target) pairs spread over one or more COCO files, full size, prepared
+    as the model sees them (``channels``, ``invert_bright``, ``hematoxylin``: a module's
+    ``input_settings``); read one at a time as :func:`calibrate` takes them, so a calibration
+    stopped by its deadline reads no more.
 
-    def __init__(self, annotations: Path, image_root: Path, limit: int | None, channels: int = 3,
-                 invert_bright: bool = False, hematoxylin: bool = False) -> None:
+    ``image_root``: the image folder, or None for ``../images`` next to each file. ``modality``
+    (one of :data:`cellrcnn.data.appearance.MODALITIES`): keep only images of that appearance,
+    e.g. ``"H&E"`` for a model that ``model=auto`` gives stained tissue to.
+    """
+
+    def __init__(self, annotations: Path | Sequence[Path], image_root: Path | None, limit: int | None,
+                 channels: int = 3, invert_bright: bool = False, hematoxylin: bool = False,
+                 modality: str | None = None) -> None:
+        from ..data.appearance import MODALITIES
+        from ..data.appearance import modality as modality_of
         from ..data.coco import CocoInstanceDataset
 
-        self.dataset = CocoInstanceDataset(annotations, image_root=image_root, channels=channels,
-                                           invert_bright=invert_bright, hematoxylin=hematoxylin)
-        self.indices = pick_images(len(self.dataset), limit)
+        if modality is not None and modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        files = [Path(annotations)] if isinstance(annotations, (str, Path)) else [Path(a) for a in annotations]
+        self.datasets = [CocoInstanceDataset(f, image_root=image_root, channels=channels,
+                                             invert_bright=invert_bright, hematoxylin=hematoxylin) for f in files]
+        candidates = [(d, i) for d, dataset in enumerate(self.datasets) for i in range(len(dataset))
+                      if modality is None or modality_of(dataset.load_raw(i)) == modality]
+        self.items = [candidates[k] for k in pick_images(len(candidates), limit)]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.items)
 
     def __iter__(self):
-        return (self.dataset[i] for i in self.indices)
+        return (self.datasets[d][i] for d, i in self.items)
 
 
 def load_samples(annotations: Path, image_root: Path, limit: int | None, channels: int = 3,
