@@ -42,6 +42,18 @@ def test_ood_flags_unseen_modality_sizes_and_missing_signal():
     assert ood_reasons(_fluorescence(), {}, None) == []
 
 
+def test_appearance_of_a_large_field_is_read_from_a_sample(monkeypatch):
+    """A field above the sample size is judged from a strided sample: the same modality, colour
+    and background as the full image, without float copies of it."""
+    import cellrcnn.data.appearance as appearance
+
+    field = np.tile(_he(), (8, 8, 1))  # 512 × 512
+    monkeypatch.setattr(appearance, "APPEARANCE_SAMPLES", 1000)  # a step of 17 pixels
+    assert appearance.appearance_key(field) == (512, 512, True, True)
+    assert appearance.modality(field) == "H&E"
+    assert appearance.modality(np.tile(_fluorescence(), (8, 8))) == "fluorescence"
+
+
 def test_auto_segmenter_picks_a_model_per_image_and_reports_it(tmp_path):
     import shutil
 

@@ -48,6 +48,18 @@ def test_object_diameters_of_disks():
     assert object_diameters(np.zeros((5, 5), np.uint16)).size == 0
 
 
+def test_object_diameters_counted_in_chunks_match_one_count(monkeypatch):
+    """Areas are summed over pixel chunks (no int64 copy of a whole-slide label image); a chunk
+    that ends inside an object, or holds no object, changes nothing."""
+    import cellrcnn.data.sizes as sizes
+
+    labels, _ = ndimage.label(disks(30) > 100)
+    whole = object_diameters(labels.astype(np.uint32))
+    monkeypatch.setattr(sizes, "BINCOUNT_CHUNK", 777)
+    np.testing.assert_array_equal(object_diameters(labels.astype(np.uint32)), whole)
+    np.testing.assert_array_equal(object_diameters(labels.astype(np.uint64)), whole)
+
+
 def test_annotation_diameter_counts_masks_and_boxes(tmp_path):
     area = float(np.pi * 10**2)  # a 20 px disk
     def ann(i, **extra):

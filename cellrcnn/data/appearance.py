@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 MODALITIES = ("fluorescence", "brightfield", "H&E")
+APPEARANCE_SAMPLES = 1 << 22
 
 
 def appearance_key(raw: np.ndarray) -> tuple[int, int, bool, bool]:
@@ -17,7 +18,11 @@ def appearance_key(raw: np.ndarray) -> tuple[int, int, bool, bool]:
     protocol. Colour means the first and last channels differ (a stain, not grey stored as RGB);
     a bright background means the median is above half the maximum (brightfield, H&E)."""
     raw = np.asarray(raw)
-    rgb = raw[..., :3].astype(np.float32) if raw.ndim == 3 else raw.astype(np.float32)
+    # a strided sample of at most APPEARANCE_SAMPLES pixels: a whole-slide field's statistics
+    # without float copies of it (identical for images up to about 2000 × 2000)
+    step = max(1, int(np.ceil(np.sqrt(raw.shape[0] * raw.shape[1] / APPEARANCE_SAMPLES))))
+    sample = raw[::step, ::step]
+    rgb = sample[..., :3].astype(np.float32) if raw.ndim == 3 else sample.astype(np.float32)
     colour = rgb.ndim == 3 and rgb.shape[-1] >= 3 and float(np.abs(rgb[..., 0] - rgb[..., 2]).mean()) > 2.0
     grey = rgb.mean(axis=-1) if rgb.ndim == 3 else rgb
     bright = float(np.median(grey)) > 0.5 * float(grey.max())

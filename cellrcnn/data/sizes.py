@@ -19,9 +19,18 @@ def equivalent_diameter(area) -> np.ndarray:
     return np.sqrt(4.0 * np.asarray(area, dtype=np.float64) / math.pi)
 
 
+BINCOUNT_CHUNK = 1 << 22  # label pixels counted at a time (32 MB of int64)
+
+
 def object_diameters(labels: np.ndarray) -> np.ndarray:
     """Equivalent diameter in pixels of every object of an H×W label image (0 = background)."""
-    areas = np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
+    flat = np.asarray(labels).reshape(-1)
+    n = int(flat.max(initial=0))
+    areas = np.zeros(n + 1, np.int64)
+    # counted in chunks: bincount's int64 copy of an 8000 × 8000 label image alone is 512 MB
+    for start in range(0, flat.size, BINCOUNT_CHUNK):
+        areas += np.bincount(flat[start : start + BINCOUNT_CHUNK].astype(np.int64, copy=False), minlength=n + 1)
+    areas = areas[1:]
     return equivalent_diameter(areas[areas > 0])
 
 

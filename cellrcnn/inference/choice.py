@@ -69,8 +69,9 @@ def signal_range(raw: np.ndarray) -> float:
     """The 1st-99.8th percentile spread of the pixels as a share of their type's range (1 for floats
     with any spread)."""
     raw = np.asarray(raw)
-    grey = raw[..., :3].mean(axis=-1) if raw.ndim == 3 else raw
-    lo, hi = np.percentile(grey[:: max(1, grey.shape[0] // 512), :: max(1, grey.shape[1] // 512)], (1, 99.8))
+    sample = raw[:: max(1, raw.shape[0] // 512), :: max(1, raw.shape[1] // 512)]  # before any float copy
+    grey = sample[..., :3].mean(axis=-1) if raw.ndim == 3 else sample
+    lo, hi = np.percentile(grey, (1, 99.8))
     if raw.dtype.kind in "ui":
         return float(hi - lo) / float(np.iinfo(raw.dtype).max)
     return 1.0 if hi > lo else 0.0
