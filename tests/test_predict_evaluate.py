@@ -182,6 +182,38 @@ def test_predict_inverts_bright_backgrounds_for_a_model_trained_so(trained, tmp_
     np.testing.assert_array_equal(inverted["dark"], plain["dark"])
 
 
+def test_a_model_trained_on_hematoxylin_density_loads_and_predicts_so(trained, tmp_path):
+    """A checkpoint with ``hematoxylin`` recorded loads, reports it in its input settings, and
+    predict.py feeds a stained field as its stain density: the nuclei are found as in the same
+    picture drawn as bright nuclei on dark (whose mean grey is all the plain model sees)."""
+    import torch
+
+    from cellrcnn.io import _RGB_FROM_HED
+    from cellrcnn.modules.base import load_module
+
+    ckpt, _ = trained
+    saved = torch.load(ckpt, weights_only=False)
+    saved["hyper_parameters"]["hematoxylin"] = True
+    torch.save(saved, tmp_path / "hema.ckpt")
+    assert load_module(tmp_path / "hema.ckpt").input_settings["hematoxylin"] is True
+    yy, xx = np.mgrid[:96, :96]
+    disks = ((yy - 30) ** 2 + (xx - 30) ** 2 < 100) | ((yy - 60) ** 2 + (xx - 66) ** 2 < 144)
+    density = np.where(disks, 1.0, 0.0)[..., None] * _RGB_FROM_HED[0] + 0.3 * _RGB_FROM_HED[1]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.round(255 * np.exp(-density)).astype(np.uint8)).save(folder / "stained.png")
+    Image.fromarray(np.where(disks, 215, 40).astype(np.uint8)).save(folder / "dark.png")
+
+    def labels(checkpoint, out, stem):
+        predict_run(compose_config("predict", [f"ckpt_path={checkpoint}", f"input={folder}", f"output={tmp_path / out}",
+                                               "score_threshold=0.0", "overlays=false"], tmp_path))
+        return read_label_image(tmp_path / out / f"{stem}.tif")
+
+    found = labels(tmp_path / "hema.ckpt", "hema", "stained")
+    np.testing.assert_array_equal(found, labels(ckpt, "plain", "dark"))
+    assert found.max() > 0
+
+
 def test_predict_single_non_image_names_the_file(trained, tmp_path):
     ckpt, _ = trained
     bad = tmp_path / "table.csv"

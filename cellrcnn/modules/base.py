@@ -92,6 +92,7 @@ class InstanceSegModule(L.LightningModule):
         invert_bright (a subclass argument, stored with its hyper-parameters): whether the model
             was trained on images whose bright backgrounds were inverted (the data module's
             ``invert_bright``, recorded when fitting starts); inference prepares images the same way.
+        hematoxylin (likewise): whether colour-stained tissue was fed as its hematoxylin density.
     """
 
     def __init__(
