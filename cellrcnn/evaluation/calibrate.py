@@ -134,5 +134,4 @@ def load_samples(annotations: Path, image_root: Path, limit: int | None, channel
                  invert_bright: bool = False, hematoxylin: bool = False) -> list[tuple[torch.Tensor, dict]]:
     """:class:`CalibrationSamples` read into a list at once."""
     samples = CalibrationSamples(annotations, image_root, limit, channels, invert_bright, hematoxylin)
-    return list(tqdm(samples, desc="loading",
-                     leave=False))
+    return list(tqdm(samples, desc="loading", leave=False))
