@@ -278,7 +278,7 @@ class Segmenter:
 
     def __repr__(self) -> str:
         return (f"Segmenter({self.name!r}, {type(self.module).__name__}, channels={self.settings['channels']}, "
-                f"invert_bright={self.settings['invert_bright']}, hematoxylin={self.settings.get('hematoxylin', False)}, "
+                f"invert_bright={self.settings['invert_bright']}, hematoxylin={self.settings['hematoxylin']}, "
                 f"object_diameter={self.object_diameter})")
 
 

@@ -352,6 +352,13 @@ def hematoxylin_density(rgb: np.ndarray, rows_per_chunk: int = 1024) -> np.ndarr
     return out
 
 
+def strided_sample(raw: np.ndarray, max_samples: int) -> np.ndarray:
+    """A strided view of H×W(×C) pixels with at most about ``max_samples`` pixels: statistics of a
+    whole-slide field (appearance, stain) without a copy of it; every pixel of a small image."""
+    step = max(1, int(np.ceil(np.sqrt(raw.shape[0] * raw.shape[1] / max_samples))))
+    return raw[::step, ::step]
+
+
 def is_stained_tissue(raw: np.ndarray, max_samples: int = 1 << 20) -> bool:
     """Whether raw H×W×C pixels show colour-stained tissue (H&E, IHC): colour (:func:`is_stained`)
     on a bright background (:func:`bright_background`), read from a strided subsample so that a
@@ -359,8 +366,7 @@ def is_stained_tissue(raw: np.ndarray, max_samples: int = 1 << 20) -> bool:
     raw = np.asarray(raw)
     if raw.ndim != 3 or raw.shape[-1] < 3:
         return False
-    step = max(1, int(np.ceil(np.sqrt(raw.shape[0] * raw.shape[1] / max_samples))))
-    sample = raw[::step, ::step, :3]
+    sample = strided_sample(raw, max_samples)[..., :3]
     return is_stained(sample) and bright_background(normalize_percentile(to_channels(sample, 1)), stained=True)
 
 

@@ -17,11 +17,10 @@ def appearance_key(raw: np.ndarray) -> tuple[int, int, bool, bool]:
     """(height, width, colour, bright background) of raw pixels: a proxy for the acquisition
     protocol. Colour means the first and last channels differ (a stain, not grey stored as RGB);
     a bright background means the median is above half the maximum (brightfield, H&E)."""
+    from cellrcnn.io import strided_sample
+
     raw = np.asarray(raw)
-    # a strided sample of at most APPEARANCE_SAMPLES pixels: a whole-slide field's statistics
-    # without float copies of it (identical for images up to about 2000 × 2000)
-    step = max(1, int(np.ceil(np.sqrt(raw.shape[0] * raw.shape[1] / APPEARANCE_SAMPLES))))
-    sample = raw[::step, ::step]
+    sample = strided_sample(raw, APPEARANCE_SAMPLES)  # every pixel up to about 2000 × 2000
     rgb = sample[..., :3].astype(np.float32) if raw.ndim == 3 else sample.astype(np.float32)
     colour = rgb.ndim == 3 and rgb.shape[-1] >= 3 and float(np.abs(rgb[..., 0] - rgb[..., 2]).mean()) > 2.0
     grey = rgb.mean(axis=-1) if rgb.ndim == 3 else rgb
