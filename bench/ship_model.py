@@ -50,27 +50,28 @@ class Int8Weight:
 
 
 def strip_checkpoint(src: Path, dtype: torch.dtype, int8_keys: frozenset[str] = frozenset(),
-                     extra: dict | None = None) -> dict:
+                     extra: dict | None = None, hparams: dict | None = None) -> dict:
     """A Lightning checkpoint reduced to ``state_dict`` (floating tensors cast to ``dtype``),
-    ``hyper_parameters``, ``cellrcnn_module``, the training-image digests and ``extra`` entries."""
+    ``hyper_parameters`` (updated with ``hparams``), ``cellrcnn_module``, the training-image
+    digests and ``extra`` entries."""
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     if "cellrcnn_module" not in ckpt:
         raise SystemExit(f"{src}: not a cellrcnn checkpoint (no 'cellrcnn_module' entry)")
     state = {k: Int8Weight(v) if k in int8_keys else (v.to(dtype) if v.is_floating_point() else v).clone()
              for k, v in ckpt["state_dict"].items()}
     kept = {k: ckpt[k] for k in ("cellrcnn_training_images",) if k in ckpt}
-    return {"state_dict": state, "hyper_parameters": ckpt.get("hyper_parameters", {}),
+    return {"state_dict": state, "hyper_parameters": {**ckpt.get("hyper_parameters", {}), **(hparams or {})},
             "cellrcnn_module": ckpt["cellrcnn_module"], "global_step": ckpt.get("global_step"),
             "epoch": ckpt.get("epoch"), "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
             **kept, **(extra or {})}
 
 
-def save_stripped(src: Path, dst: Path, max_mb: float, extra: dict | None = None) -> str:
+def save_stripped(src: Path, dst: Path, max_mb: float, extra: dict | None = None, hparams: dict | None = None) -> str:
     """Write the most faithful copy that fits ``max_mb``: float32, else float16, else float16 with
     the largest conv/linear weights in int8 (per-channel scales). Returns a description."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     for dtype in (torch.float32, torch.float16):
-        torch.save(strip_checkpoint(src, dtype, extra=extra), dst)
+        torch.save(strip_checkpoint(src, dtype, extra=extra, hparams=hparams), dst)
         if dst.stat().st_size <= max_mb * 1e6:
             return str(dtype).removeprefix("torch.")
     state = torch.load(src, map_location="cpu", weights_only=False)["state_dict"]
@@ -83,7 +84,7 @@ def save_stripped(src: Path, dst: Path, max_mb: float, extra: dict | None = None
             break
         chosen.append(k)
         saved += state[k].numel()
-    torch.save(strip_checkpoint(src, torch.float16, frozenset(chosen), extra), dst)
+    torch.save(strip_checkpoint(src, torch.float16, frozenset(chosen), extra, hparams), dst)
     if dst.stat().st_size > max_mb * 1e6:
         raise SystemExit(f"{dst}: {dst.stat().st_size / 1e6:.1f} MB, above {max_mb} MB")
     return f"float16, with {len(chosen)} largest weight tensors in int8 (per-output-channel scales)"
@@ -144,6 +145,16 @@ def input_note(card: dict) -> str:
     return "; images with a bright background (brightfield, H&E) are inverted" if card.get("invert_bright") else ""
 
 
+def diameter_note(default_diameter: str | None) -> str:
+    """What ``diameter=default`` does with the card's model, for its README line."""
+    if default_diameter == "auto":
+        return ("By default (`diameter=default`, which this model sets to `auto`) a first pass measures "
+                "the nuclei, and images of nuclei more than 30 % smaller or larger than that are resized to "
+                "it (enlarged at most 2×); `diameter=shrink` only shrinks, `diameter=null` keeps the native size.")
+    return ("By default (`diameter=default`, `shrink` for this model) images of nuclei beyond the training "
+            "range below are shrunk into it; `diameter=auto` or `diameter=<px>` also enlarge.")
+
+
 def readme(cards: dict[str, dict]) -> str:
     """The weights folder's README: one section per shipped model, from its card."""
     parts = ["# Shipped models", "",
@@ -168,8 +179,7 @@ def readme(cards: dict[str, dict]) -> str:
                   f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} (calibrated on "
                   "validation images after training).",
                   f"- Object size: it trained on nuclei of median diameter {card['object_diameter_px']} px "
-                  "(images resized towards one size). By default (`diameter=shrink`) images of nuclei beyond "
-                  "the training range below are shrunk into it; `diameter=auto` or `diameter=<px>` also enlarge.",
+                  "(images resized towards one size). " + diameter_note(card.get("default_diameter")),
                   "- Training profile (for the out-of-distribution warning): "
                   f"{card.get('training_profile', {}).get('modalities')} images by modality, diameters "
                   f"{card.get('training_profile', {}).get('object_diameter_px')} px.", ""]
@@ -197,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", help="the key of this model's run in --results")
     p.add_argument("--budget-min", type=float, required=True, help="total training wall time, all legs")
     p.add_argument("--legs", default="", help="comma-separated minutes of each training leg")
+    p.add_argument("--default-diameter", choices=("shrink", "auto"),
+                   help="the diameter mode diameter=default means for this model (measured on held-out images; "
+                        "none: shrink)")
     p.add_argument("--max-mb", type=float, default=25.0)
     p.add_argument("--weights-dir", type=Path, default=WEIGHTS)
     args = p.parse_args(argv)
@@ -204,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, overrides, calibration = run_config(args.checkpoint)
     sources, profile = training_data(cfg)
     dst = args.weights_dir / f"{args.name}.ckpt"
-    dtype = save_stripped(args.checkpoint, dst, args.max_mb, {PROFILE_KEY: profile})
+    recommended = {"default_diameter": args.default_diameter} if args.default_diameter else {}
+    dtype = save_stripped(args.checkpoint, dst, args.max_mb, {PROFILE_KEY: profile}, recommended)
 
     from cellrcnn.modules.base import load_module
 
@@ -215,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         "input_channels": int(dict(model.hparams).get("net", {}).get("in_channels", 3)),
         "invert_bright": model.invert_bright, "hematoxylin": model.hematoxylin,
         "object_diameter_px": round(float(model.object_diameter), 1),
+        "default_diameter": args.default_diameter or "shrink",
         "licence": args.licence, "trained_on": sources, "training_images": len(model.training_images),
         "training_command": "python train.py " + " ".join(o for o in overrides if not o.startswith("callbacks.")),
         "training_budget_min": args.budget_min,

@@ -192,6 +192,14 @@ class Segmenter:
         """Median object diameter (px) of the training set, when the checkpoint records it."""
         return self.module.object_diameter
 
+    @property
+    def default_diameter(self) -> str:
+        """The ``diameter`` mode that ``diameter="default"`` means for this model: the one its
+        checkpoint recommends (``auto`` for ``nuclei_he``), else ``shrink``."""
+        from cellrcnn.inference.scale import resolve_diameter
+
+        return resolve_diameter("default", getattr(self.module, "default_diameter", None))
+
     def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
         test-time flips off), for the measuring pass of ``diameter=shrink``."""
@@ -224,16 +232,17 @@ class Segmenter:
             image = image[int(plane)]
         return as_image(image, channel)
 
-    def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = "shrink",
+    def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = "default",
                 channel: int | None = None, pixel_size: float | None = None, name: str | None = None,
                 progress: bool = False, plane: int | None = None) -> Result:
         """Segment one image.
 
         Args:
             image: an H×W or H×W×C array (any dtype), or the path of an image file.
-            diameter: ``"shrink"`` (images of objects larger than the training size are shrunk to
-                it), None (native size), the objects' typical diameter in pixels, or ``"auto"``
-                (see :mod:`cellrcnn.inference.scale`).
+            diameter: ``"default"`` (the model's recommended mode: :attr:`default_diameter`),
+                ``"shrink"`` (images of objects larger than the training size are shrunk to it),
+                ``"auto"`` (also enlarged when smaller), None (native size), or the objects'
+                typical diameter in pixels (see :mod:`cellrcnn.inference.scale`).
             channel: segment only this channel of a multi-channel image.
             pixel_size: µm per pixel: the ``table`` in µm and µm².
             name: the ``image`` column of the table (default: the file name).
@@ -246,13 +255,14 @@ class Segmenter:
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
         raw = self.read(image, channel, plane)
+        diameter = self.default_diameter if diameter == "default" else diameter
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
         labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
                                                    self.object_diameter, lambda x: self._predict_native(x, False, True),
                                                    getattr(self.module, "training_profile", None))
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
-        info = {**info, "model": self.name, "warnings": self.warnings(raw, labels, info.get("factor", 1.0))}
+        info = {**info, "diameter": diameter, "model": self.name, "warnings": self.warnings(raw, labels, info.get("factor", 1.0))}
         return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
                       pixel_size=pixel_size, info=info)
 

@@ -40,8 +40,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .evaluation.evaluator import Evaluator
     from .evaluation.groups import breakdown, breakdown_table, image_groups
     from .inference import predict_image
-    from .inference.scale import check_diameter, predict_at_diameter
     from .inference.predictor import prediction_fn, set_score_threshold
+    from .inference.scale import check_diameter, predict_at_diameter, resolve_diameter
     from .models.postprocess import labels_to_instances
     from .modules.base import load_module
     from .viz import overlay_tp_fp_fn, save_png
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     sets = datamodule.eval_sets(cfg.split)  # one per source
 
-    diameter = cfg.get("diameter")
+    diameter = resolve_diameter(cfg.get("diameter"), getattr(model, "default_diameter", None))
     check_diameter(None if diameter == "gt" else diameter, model.object_diameter, str(cfg.ckpt_path))
 
     def predict_native(raw, quick: bool = False):  # the whole image at once, as predict_instances does

@@ -51,6 +51,25 @@ def test_available_models_lists_every_checkpoint_of_a_folder(tmp_path):
     assert model_card("nuclei_he", tmp_path) == {"module": "UNetModule"} and model_card("nuclei", tmp_path) == {}
 
 
+def test_default_diameter_follows_the_checkpoint(segmenter, tmp_path):
+    """A shipped model that recommends diameter=auto (nuclei_he) gets it by default: small nuclei
+    are measured and enlarged; the shipped nuclei keeps shrink, and an explicit mode wins."""
+    import torch
+
+    ckpt = torch.load(available_models()["nuclei"], map_location="cpu", weights_only=False)
+    assert "default_diameter" not in ckpt["hyper_parameters"]
+    ckpt["hyper_parameters"]["default_diameter"] = "auto"
+    torch.save(ckpt, tmp_path / "nuclei_auto.ckpt")
+    recommending = Segmenter.from_checkpoint(tmp_path / "nuclei_auto.ckpt")
+    small = disks_image(rows=8, cols=8, spacing=30, radius=5)  # 10-px nuclei, the model's are 19 px
+    result = recommending.segment(small)
+    assert recommending.default_diameter == "auto" and result.info["diameter"] == "auto"
+    assert result.info["factor"] > 1.3 and result.n_objects == 64
+    explicit = recommending.segment(small, diameter="shrink").info  # shrink never enlarges
+    assert explicit["diameter"] == "shrink" and explicit["factor"] == 1.0
+    assert segmenter.default_diameter == "shrink" and segmenter.segment(small).info["diameter"] == "shrink"
+
+
 def test_segment_counts_separated_disks(segmenter):
     result = segmenter.segment(disks_image())
     assert result.n_objects == 25

@@ -14,6 +14,7 @@ from cellrcnn.inference.scale import (
     predict_at_diameter,
     resize_image,
     resize_labels,
+    resolve_diameter,
 )
 
 
@@ -164,6 +165,22 @@ def test_auto_measures_first_and_rescales_only_when_needed():
     assert info == {"factor": 1.0, "measured_diameter": None} and len(model.shapes) == 1
 
 
+def test_auto_measures_with_one_quick_view_at_native_size():
+    """With a quick predictor, auto measures on it (native size: small objects stay visible) and
+    the full predictor runs once, at the size chosen."""
+    model, quick = ThresholdModel(), ThresholdModel()
+    image = disks(10)
+    labels, _, info = predict_at_diameter(image, model, "auto", model_diameter=20, probe_fn=quick)
+    assert quick.shapes == [image.shape] and info["measured_diameter"] == pytest.approx(10, abs=1)
+    assert info["factor"] == pytest.approx(2.0, abs=0.05) and len(model.shapes) == 1
+    assert model.shapes[0][0] == pytest.approx(image.shape[0] * info["factor"], abs=1)
+    assert labels.shape == image.shape and labels.max() == 16
+
+    model, quick = ThresholdModel(), ThresholdModel()  # the training size already: one full pass, native
+    _, _, info = predict_at_diameter(disks(22), model, "auto", model_diameter=20, probe_fn=quick)
+    assert info["factor"] == 1.0 and len(quick.shapes) == 1 and model.shapes == [disks(22).shape]
+
+
 def test_shrink_measures_at_half_size_and_only_shrinks_objects_beyond_the_training_range():
     profile = {"object_diameter_px": {"p5": 8.0, "p50": 19.0, "p95": 36.0, "p99": 50.0}}
     model, quick = ThresholdModel(), ThresholdModel()
@@ -226,3 +243,24 @@ def test_enlargement_is_capped_for_huge_images(monkeypatch):
         labels, _, info = predict_at_diameter(disks(15, gap=2), model, 5, model_diameter=20)
     assert info["factor"] == pytest.approx(2.0) and model.shapes == [(240, 240)]
     assert labels.shape == (120, 120) and labels.max() == 16
+
+
+def test_auto_on_an_image_too_large_to_enlarge_keeps_its_first_pass(monkeypatch):
+    """A whole-slide field that may not grow at all is not predicted a second time at 1x."""
+    import cellrcnn.inference.scale as scale
+
+    image = disks(10, gap=2.5)
+    monkeypatch.setattr(scale, "MAX_RESIZED_PIXELS", image.size)
+    model = ThresholdModel()
+    with pytest.warns(UserWarning, match="enlarged 1.00× only"):
+        labels, _, info = predict_at_diameter(image, model, "auto", model_diameter=20)
+    assert info["factor"] == 1.0 and info["measured_diameter"] == pytest.approx(10, abs=1)
+    assert model.shapes == [image.shape] and labels.max() == 16
+
+
+def test_default_diameter_is_the_models_recommendation():
+    assert resolve_diameter("default", None) == "shrink"  # a checkpoint that recommends nothing
+    assert resolve_diameter("default", "auto") == "auto"
+    for explicit in ("shrink", "auto", None, 30):  # what the user says wins
+        assert resolve_diameter(explicit, "auto") == explicit
+    check_diameter("default", None)  # resolved per model later; valid for any checkpoint

@@ -61,6 +61,12 @@ class Predictor:
         return float(value) if value else None
 
     @property
+    def default_diameter(self) -> str | None:
+        """The ``diameter`` mode this model is best used with (``diameter=default``), when its
+        checkpoint recommends one (:mod:`cellrcnn.inference.scale`)."""
+        return self.hparams.get("default_diameter") or None
+
+    @property
     def input_settings(self) -> dict[str, Any]:
         """How images are prepared for this model (``channels``, ``invert_bright``, ``hematoxylin``),
         as :attr:`cellrcnn.modules.base.InstanceSegModule.input_settings`."""

@@ -8,12 +8,14 @@ its objects have the training size, predict, and resize the labels back.
 
 - ``diameter=<pixels>``: the typical object diameter in the user's images. The image is
   resized by ``model_diameter / diameter``.
-- ``diameter=auto``: a first pass at the native size measures the median object diameter. A
-  second pass at the corrected size runs only when that median differs from the model's by
-  more than :data:`TOLERANCE` (the range the training scale jitter already covers), and only
-  when the first pass found at least :data:`MIN_OBJECTS` objects to measure; it enlarges at
-  most :data:`AUTO_MAX_ENLARGEMENT`-fold.
-- ``diameter=shrink`` (the default): a quick measuring pass (one view, at half size, of a central
+- ``diameter=auto``: a measuring pass at the native size (with a quick predictor: one view of
+  the central :data:`PROBE_WINDOW` window) finds the median object diameter. The image is
+  resized only when that median differs from the model's by more than :data:`TOLERANCE` (the
+  range the training scale jitter already covers), and only when the pass found at least
+  :data:`MIN_OBJECTS` objects to measure; it enlarges at most :data:`AUTO_MAX_ENLARGEMENT`-fold.
+  Without a quick predictor the measuring pass is the full native prediction, kept when no
+  resizing is needed.
+- ``diameter=shrink`` (the default of most models): a quick measuring pass (one view, at half size, of a central
   window of at most :data:`PROBE_WINDOW` px) finds the median object diameter. Only an image whose
   objects are larger than nearly all training objects (their 99th percentile, 54 px for
   ``nuclei``) is shrunk, to their 95th percentile (39 px): the largest size the model knows well,
@@ -21,6 +23,12 @@ its objects have the training size, predict, and resize the labels back.
   45-px nuclei well at native size (shrinking them to 19 px lost dsb_score on DSB2018), but
   splits 110-180 px nuclei of 40x-63x fields, which it predicts better and up to 16 times faster
   shrunk (held-out S-BSST265 fields: bench/results/predict_speed).
+
+- ``diameter=default`` (what ``predict.py``, ``evaluate.py``, the API and the service use unless
+  told otherwise): the mode the model's checkpoint recommends (hyper-parameter
+  ``default_diameter``, written when a model is shipped), else ``shrink``. ``nuclei_he`` records
+  ``auto``: it trained on H&E tissue resized towards one nucleus size, and held-out 40x tissue
+  at native size has nuclei smaller than that (MoNuSeg pq@0.5 0.445 with shrink, 0.504 with auto).
 
 ``model_diameter`` is the median equivalent diameter of the training objects, recorded in the
 checkpoint by ``train.py`` (hyper-parameter ``object_diameter``).
@@ -45,7 +53,8 @@ MIN_OBJECTS = 5  # fewer objects measure no reliable median size
 FACTOR_LIMITS = (0.25, 4.0)  # beyond these the image loses its objects or grows 16-fold
 AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny objects must not blow an image up 16-fold
 MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
-SHRINK = "shrink"  # the default diameter mode (predict.py, evaluate.py, the API and the service)
+SHRINK = "shrink"  # the diameter mode of a model that recommends none
+DEFAULT = "default"  # the model's recommended mode (predict.py, evaluate.py, the API and the service)
 # shrink without a training profile in the checkpoint: these multiples of the median stand in
 # for the training diameters' 95th and 99th percentiles (1.8-2.0x and 2.6-2.9x for the shipped models)
 SHRINK_TO, SHRINK_ABOVE = 2.0, 2.8
@@ -137,12 +146,19 @@ def scale_factor(object_diameter: float, model_diameter: float) -> float:
     return float(np.clip(model_diameter / object_diameter, *FACTOR_LIMITS))
 
 
+def resolve_diameter(diameter: float | str | None, model_default: str | None) -> float | str | None:
+    """``diameter``, with :data:`DEFAULT` replaced by the model's recommended mode (``shrink`` when
+    its checkpoint names none)."""
+    return (model_default or SHRINK) if diameter == DEFAULT else diameter
+
+
 def check_diameter(diameter: float | str | None, model_diameter: float | None, checkpoint: str = "") -> None:
     """Raise a UsageError (a ValueError) saying what to do when ``diameter`` cannot be used with this model."""
-    if diameter is None or (diameter == SHRINK and not model_diameter):
+    if diameter in (None, DEFAULT) or (diameter == SHRINK and not model_diameter):
         return  # shrink needs the training size; a checkpoint without it predicts at native size
     if diameter not in MODES and not (isinstance(diameter, (int, float)) and diameter > 0):
-        raise UsageError(f"diameter must be a positive number of pixels, auto, shrink or null, got {diameter!r}")
+        raise UsageError(f"diameter must be a positive number of pixels, auto, shrink, default or null, "
+                         f"got {diameter!r}")
     if not model_diameter:
         raise UsageError(
             f"{checkpoint or 'this checkpoint'}: it does not record the object size it was trained on "
@@ -158,15 +174,17 @@ def central_window(raw: np.ndarray, size: int) -> np.ndarray:
     return raw[top:top + size, left:left + size]
 
 
-def probe_diameter(raw: np.ndarray, probe_fn: LabelFn) -> float | None:
-    """Median object diameter (px of ``raw``) from one quick pass at :data:`PROBE_FACTOR` size
-    over the central :data:`PROBE_WINDOW` window; None when the image is smaller than
-    :data:`PROBE_MIN_SIDE` or the pass finds fewer than :data:`MIN_OBJECTS` objects."""
-    if min(np.asarray(raw).shape[:2]) < PROBE_MIN_SIDE:
+def probe_diameter(raw: np.ndarray, probe_fn: LabelFn, factor: float = PROBE_FACTOR,
+                   min_side: int = PROBE_MIN_SIDE) -> float | None:
+    """Median object diameter (px of ``raw``) from one quick pass at ``factor`` size over the
+    central :data:`PROBE_WINDOW` window; None when the image is smaller than ``min_side`` or
+    the pass finds fewer than :data:`MIN_OBJECTS` objects."""
+    if min(np.asarray(raw).shape[:2]) < min_side:
         return None
-    labels, _ = probe_fn(resize_image(central_window(raw, PROBE_WINDOW), PROBE_FACTOR))
+    window = central_window(raw, PROBE_WINDOW)
+    labels, _ = probe_fn(window if factor == 1 else resize_image(window, factor))
     sizes = object_diameters(labels)
-    return float(np.median(sizes)) / PROBE_FACTOR if len(sizes) >= MIN_OBJECTS else None
+    return float(np.median(sizes)) / factor if len(sizes) >= MIN_OBJECTS else None
 
 
 def shrink_sizes(model_diameter: float, profile: Mapping | None = None) -> tuple[float, float]:
@@ -192,7 +210,8 @@ def predict_at_diameter(
         diameter: None (native size), the objects' typical diameter in pixels, ``"auto"`` or
             ``"shrink"`` (native size without a ``model_diameter``).
         model_diameter: the training objects' median diameter (the checkpoint's ``object_diameter``).
-        probe_fn: the quick predictor of ``shrink``'s measuring pass (one view); default ``label_fn``.
+        probe_fn: the quick predictor (one view) of the measuring pass of ``shrink`` and ``auto``;
+            default ``label_fn``.
         profile: the model's training profile, for ``shrink``'s sizes (:func:`shrink_sizes`).
 
     Returns:
@@ -205,6 +224,7 @@ def predict_at_diameter(
         labels, scores = label_fn(raw)
         return labels, scores, {"factor": 1.0}
     info: dict = {}
+    first = None  # auto's native prediction, when it measured with the full predictor
     if diameter == SHRINK:
         measured = probe_diameter(raw, probe_fn or label_fn)
         info["measured_diameter"] = None if measured is None else round(measured, 2)
@@ -214,13 +234,16 @@ def predict_at_diameter(
             return labels, scores, {"factor": 1.0, **info}
         factor = scale_factor(measured, to)
     elif diameter == "auto":
-        labels, scores = label_fn(raw)
-        sizes = object_diameters(labels)
-        if len(sizes) < MIN_OBJECTS:
-            return labels, scores, {"factor": 1.0, "measured_diameter": None}
-        info["measured_diameter"] = round(float(np.median(sizes)), 2)
-        factor = min(scale_factor(info["measured_diameter"], model_diameter), AUTO_MAX_ENLARGEMENT)
+        if probe_fn is None:  # the full native prediction measures, and stands when it needs no resizing
+            first = label_fn(raw)
+            sizes = object_diameters(first[0])
+            measured = float(np.median(sizes)) if len(sizes) >= MIN_OBJECTS else None
+        else:  # small objects are measured at native size, on one view of the central window
+            measured = probe_diameter(raw, probe_fn, factor=1.0, min_side=0)
+        info["measured_diameter"] = None if measured is None else round(measured, 2)
+        factor = 1.0 if measured is None else min(scale_factor(measured, model_diameter), AUTO_MAX_ENLARGEMENT)
         if 1 / TOLERANCE <= factor <= TOLERANCE:
+            labels, scores = first or label_fn(raw)
             return labels, scores, {"factor": 1.0, **info}
     else:
         factor = scale_factor(float(diameter), model_diameter)
@@ -229,6 +252,9 @@ def predict_at_diameter(
         factor = max(1.0, math.sqrt(MAX_RESIZED_PIXELS / (h * w)))
         warnings.warn(f"a {w}×{h} image enlarged {factor:.2f}× only (memory); its objects stay smaller "
                       "than the model's training size", stacklevel=2)
+        if factor == 1.0:  # no larger after all: the native prediction
+            labels, scores = first or label_fn(raw)
+            return labels, scores, {"factor": 1.0, **info}
     small_labels, scores = label_fn(resize_image(raw, factor))
     resize = enlarge_labels if factor < 1 else resize_labels  # back up smoothly, or down by sampling
     labels, scores = resize(small_labels, scores, tuple(np.asarray(raw).shape[:2]))

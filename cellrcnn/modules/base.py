@@ -93,6 +93,8 @@ class InstanceSegModule(L.LightningModule):
             was trained on images whose bright backgrounds were inverted (the data module's
             ``invert_bright``, recorded when fitting starts); inference prepares images the same way.
         hematoxylin (likewise): whether colour-stained tissue was fed as its hematoxylin density.
+        default_diameter (likewise): the ``diameter`` mode ``predict.py diameter=default`` uses
+            with this model (``shrink`` or ``auto``; None: shrink), set when a model is shipped.
     """
 
     def __init__(
@@ -184,6 +186,12 @@ class InstanceSegModule(L.LightningModule):
         images relative to it); recorded when training starts, None in older checkpoints."""
         value = self.hparams.get("object_diameter")
         return float(value) if value else None
+
+    @property
+    def default_diameter(self) -> str | None:
+        """The ``diameter`` mode recommended for this model (:mod:`cellrcnn.inference.scale`);
+        None in checkpoints that recommend none (``shrink``)."""
+        return self.hparams.get("default_diameter") or None
 
     @property
     def invert_bright(self) -> bool:

@@ -27,7 +27,7 @@ class MaskRCNNModule(InstanceSegModule):
         score_threshold: detections scoring below this are dropped by ``predict_instances``.
         mask_threshold: mask probabilities above this are foreground.
         log_images, iou_thresholds, coco_metrics,
-            object_diameter, invert_bright, hematoxylin: see :class:`InstanceSegModule`.
+            object_diameter, invert_bright, hematoxylin, default_diameter: see :class:`InstanceSegModule`.
 
     Box-only annotations (``has_mask`` False, e.g. BBBC041) train the RPN and box head but never
     the mask head: torchvision's mask loss has no per-object switch, so an image whose objects are
@@ -47,6 +47,7 @@ class MaskRCNNModule(InstanceSegModule):
         object_diameter: float | None = None,
         invert_bright: bool = False,
         hematoxylin: bool = False,
+        default_diameter: str | None = None,
     ) -> None:
         super().__init__(optim=optim, log_images=log_images, iou_thresholds=iou_thresholds, coco_metrics=coco_metrics)
         self.save_hyperparameters()

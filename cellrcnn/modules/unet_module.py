@@ -118,7 +118,7 @@ class UNetModule(InstanceSegModule):
         tta: average the outputs over the image and its three flips at inference (4× the network
             time; the watershed runs once on the averaged maps).
         optim, log_images, iou_thresholds, coco_metrics,
-            object_diameter, invert_bright, hematoxylin: see :class:`InstanceSegModule`.
+            object_diameter, invert_bright, hematoxylin, default_diameter: see :class:`InstanceSegModule`.
     """
 
     def __init__(
@@ -137,6 +137,7 @@ class UNetModule(InstanceSegModule):
         object_diameter: float | None = None,
         invert_bright: bool = False,
         hematoxylin: bool = False,
+        default_diameter: str | None = None,
     ) -> None:
         super().__init__(
             optim=optim,

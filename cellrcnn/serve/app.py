@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from cellrcnn import __version__
-from cellrcnn.inference.scale import SHRINK
+from cellrcnn.inference.scale import DEFAULT, SHRINK
 from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS, formats_help, render_file, result_json
 from cellrcnn.serve.uploads import (
@@ -73,9 +73,10 @@ def _parse_number(fields: dict[str, str], name: str, words: tuple[str, ...] = ()
 
 
 def _parse_diameter(fields: dict[str, str]) -> float | str | None:
-    """The diameter field: empty means shrink, predict.py's default; native means no resizing."""
-    value = _parse_number(fields, "diameter", ("auto", SHRINK, "native"))
-    return SHRINK if value is None else None if value == "native" else value
+    """The diameter field: empty means the model's recommended mode, predict.py's default; native
+    means no resizing."""
+    value = _parse_number(fields, "diameter", ("auto", SHRINK, DEFAULT, "native"))
+    return DEFAULT if value is None else None if value == "native" else value
 
 
 def _parse_index(fields: dict[str, str], name: str) -> int | None:
@@ -95,8 +96,8 @@ SEGMENT_FORM = {
                          "description": "the image: PNG, TIFF, JPEG or BMP; 8/16-bit, grey or colour"},
                 "model": {"type": "string", "description": "a name from GET /models (default: the server's model)"},
                 "diameter": {"type": "string", "description": "typical object diameter in pixels, auto, native, "
-                                                              "or shrink (the default: images of objects larger "
-                                                              "than the model's are shrunk to its object size)"},
+                                                              "shrink, or default (empty: the model's "
+                                                              "recommended mode, shrink or auto)"},
                 "pixel_size": {"type": "number", "description": "µm per pixel: measurements in µm and µm²"},
                 "channel": {"type": "integer", "description": "segment this channel of a multi-channel image"},
                 "plane": {"type": "integer", "description": "segment this z-plane (page) of a multi-page TIFF"},
