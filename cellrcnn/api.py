@@ -202,7 +202,7 @@ class Segmenter:
 
     def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
-        test-time flips off), for the measuring pass of ``diameter=shrink``."""
+        test-time flips off), for the measuring pass of ``diameter=shrink`` and ``auto``."""
         from cellrcnn.inference.predictor import prediction_fn
         from cellrcnn.inference.tiling import predict_image
 
