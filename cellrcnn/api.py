@@ -32,6 +32,15 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 __all__ = ["AutoSegmenter", "Result", "Segmenter", "available_models", "checkpoint_path", "model_card", "WEIGHTS_DIR"]
 
 
+def median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter (px) of the objects of a label image; None when too few to say."""
+    from cellrcnn.data.sizes import object_diameters
+    from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE
+
+    sizes = object_diameters(labels)
+    return float(np.median(sizes)) if len(sizes) >= MIN_OBJECTS_FOR_SIZE else None
+
+
 def available_models(weights_dir: str | Path | None = None) -> dict[str, Path]:
     """``{name: checkpoint path}`` of the shipped models (every ``<name>.ckpt`` in ``weights_dir``)."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -241,40 +250,43 @@ class Segmenter:
             image: an H×W or H×W×C array (any dtype), or the path of an image file.
             diameter: ``"default"`` (the model's recommended mode: :attr:`default_diameter`),
                 ``"shrink"`` (images of objects larger than the training size are shrunk to it),
-                ``"auto"`` (also enlarged when smaller), None (native size), or the objects'
-                typical diameter in pixels (see :mod:`cellrcnn.inference.scale`).
+                ``"auto"`` (also enlarged when smaller), None or ``"native"`` (native size), or the
+                objects' typical diameter in pixels (see :mod:`cellrcnn.inference.scale`).
             channel: segment only this channel of a multi-channel image.
             pixel_size: µm per pixel: the ``table`` in µm and µm².
             name: the ``image`` column of the table (default: the file name).
             progress: a progress bar over tiles for large images.
             plane: the z-plane of a multi-page TIFF (or of a stacked array) to segment.
         """
-        from cellrcnn.inference.scale import check_diameter, predict_at_diameter
+        from cellrcnn.inference.scale import check_diameter, predict_at_diameter, resolve_diameter
         from cellrcnn.io import label_dtype
 
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
         raw = self.read(image, channel, plane)
-        diameter = self.default_diameter if diameter == "default" else diameter
+        diameter = resolve_diameter(diameter, getattr(self.module, "default_diameter", None))
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
         labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
                                                    self.object_diameter, lambda x: self._predict_native(x, False, True),
                                                    getattr(self.module, "training_profile", None))
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
-        info = {**info, "diameter": diameter, "model": self.name, "warnings": self.warnings(raw, labels, info.get("factor", 1.0))}
+        found = median_diameter(labels)
+        info = {**info, "median_diameter": None if found is None else round(found, 2), "diameter": diameter,
+                "model": self.name, "checkpoint": str(self.checkpoint or self.name),
+                "warnings": self.warnings(raw, labels, info.get("factor", 1.0), found)}
         return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
                       pixel_size=pixel_size, info=info)
 
-    def warnings(self, raw: np.ndarray, labels: np.ndarray, factor: float = 1.0) -> list[str]:
+    def warnings(self, raw: np.ndarray, labels: np.ndarray, factor: float = 1.0,
+                 found: float | None = None) -> list[str]:
         """Why this model's result on ``raw`` should not be trusted ([] when the image looks like its
-        training data): :func:`cellrcnn.inference.choice.ood_reasons`."""
-        from cellrcnn.data.sizes import object_diameters
-        from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE, ood_reasons
+        training data): :func:`cellrcnn.inference.choice.ood_reasons`; ``found``: the labels'
+        :func:`median_diameter`, when already measured."""
+        from cellrcnn.inference.choice import ood_reasons
 
-        sizes = object_diameters(labels)
-        measured = float(np.median(sizes)) if len(sizes) >= MIN_OBJECTS_FOR_SIZE else None
-        return ood_reasons(raw, getattr(self.module, "training_profile", None), measured, factor)
+        found = median_diameter(labels) if found is None else found
+        return ood_reasons(raw, getattr(self.module, "training_profile", None), found, factor)
 
     def segment_many(self, images: Iterable[str | Path], progress: bool = True, **kwargs) -> Iterator[Result]:
         """Segment image files one after the other (lazily), with a progress bar; keyword
@@ -322,6 +334,11 @@ class AutoSegmenter:
         from cellrcnn.inference.choice import default_model
 
         return self.segmenter(default_model(self.models)).object_diameter
+
+    @property
+    def default_diameter(self) -> dict[str, str]:
+        """``{model: diameter mode}``: what ``diameter="default"`` means for each model it may choose."""
+        return {name: self.segmenter(name).default_diameter for name in self.models}
 
     def segment(self, image: np.ndarray | str | Path, channel: int | None = None, **kwargs) -> Result:
         """As :meth:`Segmenter.segment`, with the model chosen from the image's appearance."""

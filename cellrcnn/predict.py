@@ -122,9 +122,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for reason in scaling.get("warnings", []):  # the count of such an image needs a look
             print(f"{path.name}: do not trust this result blindly: {reason}")
         if scaling["factor"] != 1.0:
-            measured = scaling.get("measured_diameter")  # diameter=shrink or auto measured them
+            # diameter=shrink or auto measured the objects; diameter=<px> is the user's word for it
+            given = scaling["diameter"] if isinstance(scaling["diameter"], int | float) else None
+            measured = scaling.get("measured_diameter") or given
             sizes = (f"objects of {measured:.0f} px median diameter brought to {measured * scaling['factor']:.0f} px"
-                     if measured else f"objects brought to the model's {segmenter.object_diameter:.1f} px")
+                     if measured else "objects brought to the model's size")
             print(f"{path.name}: predicted at {scaling['factor']:g}x size ({sizes})")
         stem = free_stem(out, path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}", stems)
         stems.add(stem)
@@ -145,6 +147,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
                                   "width": int(labels.shape[1]), "n_objects": n, **scaling})
         print(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
+    if not cfg.get("ckpt_path"):  # the shipped model(s) that predicted, not just the default one
+        used = sorted({entry["checkpoint"] for entry in summary["images"]})
+        summary["checkpoint"] = ", ".join(used) or summary["checkpoint"]
     write_coco_results(out / "coco_results.json", results)
     if cfg.get("measure"):
         table = write_measurements(out, tables, shapes, cfg)

@@ -65,6 +65,8 @@ def test_default_diameter_follows_the_checkpoint(segmenter, tmp_path):
     result = recommending.segment(small)
     assert recommending.default_diameter == "auto" and result.info["diameter"] == "auto"
     assert result.info["factor"] > 1.3 and result.n_objects == 64
+    assert result.info["measured_diameter"] == pytest.approx(10, abs=1.5)  # the quick pass's estimate
+    assert result.info["median_diameter"] == pytest.approx(10, abs=1.5)  # of the objects returned
     explicit = recommending.segment(small, diameter="shrink").info  # shrink never enlarges
     assert explicit["diameter"] == "shrink" and explicit["factor"] == 1.0
     assert segmenter.default_diameter == "shrink" and segmenter.segment(small).info["diameter"] == "shrink"

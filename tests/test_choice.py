@@ -65,6 +65,9 @@ def test_auto_segmenter_picks_a_model_per_image_and_reports_it(tmp_path):
     stained, fluo = auto.segment(_he()), auto.segment(_fluorescence())
     assert stained.info["model"] == "nuclei_he" and "stained" in stained.info["model_choice"]
     assert fluo.info["model"] == "nuclei" and fluo.info["model_choice"] == "fluorescence image"
+    assert stained.info["checkpoint"] == str(tmp_path / "nuclei_he.ckpt")  # the file that predicted it
     assert isinstance(fluo.info["warnings"], list)
+    # diameter="default" is each model's own mode: these copies recommend none, so shrink
+    assert auto.default_diameter == {"nuclei": "shrink", "nuclei_he": "shrink"}
     with pytest.raises(ValueError, match="no shipped model"):
         AutoSegmenter(weights_dir=tmp_path / "empty")

@@ -263,4 +263,5 @@ def test_default_diameter_is_the_models_recommendation():
     assert resolve_diameter("default", "auto") == "auto"
     for explicit in ("shrink", "auto", None, 30):  # what the user says wins
         assert resolve_diameter(explicit, "auto") == explicit
+    assert resolve_diameter("native", "auto") is None  # null's other name (forms, commands)
     check_diameter("default", None)  # resolved per model later; valid for any checkpoint

@@ -103,8 +103,9 @@ def ood_reasons(
     if measured_diameter and sizes.get("p1") and sizes.get("p99"):
         seen_at = float(measured_diameter) * factor
         if not sizes["p1"] / SIZE_MARGIN <= seen_at <= sizes["p99"] * SIZE_MARGIN:
+            resized = f" (the model saw them at {seen_at:.0f} px, resized {factor:g}x)" if factor != 1 else ""
             reasons.append(
-                f"objects of {measured_diameter:.0f} px median diameter, outside the training range "
-                f"({sizes['p1']:.0f}-{sizes['p99']:.0f} px): set diameter=<px> or diameter=auto"
+                f"objects of {measured_diameter:.0f} px median diameter{resized}, outside the training range "
+                f"({sizes['p1']:.0f}-{sizes['p99']:.0f} px): set diameter=<their diameter in px> or diameter=auto"
             )
     return reasons

@@ -55,6 +55,7 @@ AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny ob
 MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
 SHRINK = "shrink"  # the diameter mode of a model that recommends none
 DEFAULT = "default"  # the model's recommended mode (predict.py, evaluate.py, the API and the service)
+NATIVE = "native"  # another name of None (native size), for forms and commands where null is awkward
 # shrink without a training profile in the checkpoint: these multiples of the median stand in
 # for the training diameters' 95th and 99th percentiles (1.8-2.0x and 2.6-2.9x for the shipped models)
 SHRINK_TO, SHRINK_ABOVE = 2.0, 2.8
@@ -148,17 +149,19 @@ def scale_factor(object_diameter: float, model_diameter: float) -> float:
 
 def resolve_diameter(diameter: float | str | None, model_default: str | None) -> float | str | None:
     """``diameter``, with :data:`DEFAULT` replaced by the model's recommended mode (``shrink`` when
-    its checkpoint names none)."""
+    its checkpoint names none) and :data:`NATIVE` by None."""
+    if diameter == NATIVE:
+        return None
     return (model_default or SHRINK) if diameter == DEFAULT else diameter
 
 
 def check_diameter(diameter: float | str | None, model_diameter: float | None, checkpoint: str = "") -> None:
     """Raise a UsageError (a ValueError) saying what to do when ``diameter`` cannot be used with this model."""
-    if diameter in (None, DEFAULT) or (diameter == SHRINK and not model_diameter):
+    if diameter in (None, DEFAULT, NATIVE) or (diameter == SHRINK and not model_diameter):
         return  # shrink needs the training size; a checkpoint without it predicts at native size
     if diameter not in MODES and not (isinstance(diameter, (int, float)) and diameter > 0):
-        raise UsageError(f"diameter must be a positive number of pixels, auto, shrink, default or null, "
-                         f"got {diameter!r}")
+        raise UsageError(f"diameter must be a positive number of pixels, auto, shrink, default or null "
+                         f"(native), got {diameter!r}")
     if not model_diameter:
         raise UsageError(
             f"{checkpoint or 'this checkpoint'}: it does not record the object size it was trained on "
