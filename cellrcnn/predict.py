@@ -12,6 +12,7 @@ of a folder are still processed.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ from .io import IMAGE_SUFFIXES, ImageReadError, atomic_write, protect_inputs, re
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "nuclei.ckpt"
 MIN_CELLS_FOR_ANOMALY = 30  # fewer cells cannot define what a typical shape is
+log = logging.getLogger(__name__)
+
+
+def say(message: str) -> None:
+    """Print a line of the run's report, and keep it in the run's log file (``predict.log``; the
+    predict config keeps the log's console handler for warnings, so nothing prints twice)."""
+    print(message)
+    log.info(message)
 
 
 def resolve_checkpoint(ckpt_path: str | Path | None) -> Path:
@@ -62,7 +71,7 @@ def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int
         table = score_anomalies(model, table)
         model.save(out / "shape_anomaly_model.pt")
     elif cfg.get("anomaly"):
-        print(f"anomaly=true needs at least {MIN_CELLS_FOR_ANOMALY} cells to learn typical shapes; found {len(table)}")
+        say(f"anomaly=true needs at least {MIN_CELLS_FOR_ANOMALY} cells to learn typical shapes; found {len(table)}")
     suffix = ".parquet" if cfg.get("table_format") == "parquet" else ".csv"
     write_table(table, out / f"measurements{suffix}")
     write_table(summarize(table, image_shapes=shapes, pixel_size=cfg.get("pixel_size")), out / f"summary{suffix}")
@@ -115,19 +124,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if Path(cfg.input).is_file():
                 raise  # a single input: the error (naming the file) is the answer
             summary["skipped"].append({"file": str(path), "error": str(exc)})
-            print(f"skipped {exc}")
+            say(f"skipped {exc}")
             continue
         result = segmenter.segment(raw, diameter=cfg.get("diameter"), name=path.name, progress=True)
         labels, scores, scaling = result.labels, result.scores, result.info
         for reason in scaling.get("warnings", []):  # the count of such an image needs a look
-            print(f"{path.name}: do not trust this result blindly: {reason}")
+            say(f"{path.name}: do not trust this result blindly: {reason}")
         if scaling["factor"] != 1.0:
             # diameter=shrink or auto measured the objects; diameter=<px> is the user's word for it
             given = scaling["diameter"] if isinstance(scaling["diameter"], int | float) else None
             measured = scaling.get("measured_diameter") or given
             sizes = (f"objects of {measured:.0f} px median diameter brought to {measured * scaling['factor']:.0f} px"
                      if measured else "objects brought to the model's size")
-            print(f"{path.name}: predicted at {scaling['factor']:g}x size ({sizes})")
+            say(f"{path.name}: predicted at {scaling['factor']:g}x size ({sizes})")
         stem = free_stem(out, path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}", stems)
         stems.add(stem)
         image_id = len(summary["images"]) + 1
@@ -146,7 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         n = len(objects)
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
                                   "width": int(labels.shape[1]), "n_objects": n, **scaling})
-        print(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
+        say(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
     if not cfg.get("ckpt_path"):  # the shipped model(s) that predicted, not just the default one
         used = sorted({entry["checkpoint"] for entry in summary["images"]})
         summary["checkpoint"] = ", ".join(used) or summary["checkpoint"]
@@ -158,9 +167,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary["ignored"] = [str(p) for p in others]
     atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if summary["skipped"]:
-        print(f"{len(summary['skipped'])} file(s) could not be read and were skipped:")
+        say(f"{len(summary['skipped'])} file(s) could not be read and were skipped:")
         for s in summary["skipped"]:
-            print(f"  {s['error']}")
+            say(f"  {s['error']}")
     if images and not summary["images"]:  # nothing was predicted: a failed run, not a success
         # the command line prints this without a traceback and exits non-zero
         raise ImageReadError(f"all {len(images)} input file(s) of {cfg.input} were skipped (see above)")

@@ -53,6 +53,9 @@ def test_predict_chooses_a_shipped_model_by_name(tmp_path):
     proc = cellrcnn("predict", "input=ok.png", "output=o", "model=nuclei", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "o" / "predictions.json").read_text())["images"][0]["model"] == "nuclei"
+    # the run's log keeps the report the console showed, each line once on the console
+    report = "ok.png: 0 objects -> o/ok.tif"
+    assert report in (tmp_path / "run" / "predict.log").read_text() and proc.stdout.count(report) == 1
 
 
 def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
