@@ -148,9 +148,10 @@ def input_note(card: dict) -> str:
 def diameter_note(default_diameter: str | None) -> str:
     """What ``diameter=default`` does with the card's model, for its README line."""
     if default_diameter == "auto":
-        return ("By default (`diameter=default`, which this model sets to `auto`) a first pass measures "
-                "the nuclei, and images of nuclei more than 30 % smaller or larger than that are resized to "
-                "it (enlarged at most 2×); `diameter=shrink` only shrinks, `diameter=null` keeps the native size.")
+        return ("By default (`diameter=default`, which this model sets to `auto`) a quick first pass measures "
+                "the nuclei, and an image whose nuclei differ from that median by more than 30 % is resized so "
+                "they have it (enlarged at most 2×); `diameter=shrink` only shrinks, `diameter=null` keeps the "
+                "native size.")
     return ("By default (`diameter=default`, `shrink` for this model) images of nuclei beyond the training "
             "range below are shrunk into it; `diameter=auto` or `diameter=<px>` also enlarge.")
 
