@@ -265,3 +265,5 @@ def test_default_diameter_is_the_models_recommendation():
         assert resolve_diameter(explicit, "auto") == explicit
     assert resolve_diameter("native", "auto") is None  # null's other name (forms, commands)
     check_diameter("default", None)  # resolved per model later; valid for any checkpoint
+    model = ThresholdModel()  # without a model's word, default is shrink, native is null
+    assert predict_at_diameter(disks(20), model, "native", model_diameter=20)[2] == {"factor": 1.0}

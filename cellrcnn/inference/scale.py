@@ -28,7 +28,7 @@ its objects have the training size, predict, and resize the labels back.
   told otherwise): the mode the model's checkpoint recommends (hyper-parameter
   ``default_diameter``, written when a model is shipped), else ``shrink``. ``nuclei_he`` records
   ``auto``: it trained on H&E tissue resized towards one nucleus size, and held-out 40x tissue
-  at native size has nuclei smaller than that (MoNuSeg pq@0.5 0.445 with shrink, 0.504 with auto).
+  at native size has nuclei smaller than that (MoNuSeg pq@0.5 0.445 with shrink, 0.502 with auto).
 
 ``model_diameter`` is the median equivalent diameter of the training objects, recorded in the
 checkpoint by ``train.py`` (hyper-parameter ``object_diameter``).
@@ -222,6 +222,7 @@ def predict_at_diameter(
         applied; 1 = native) and, for ``auto`` and ``shrink``, the ``measured_diameter`` of the
         first pass (None: too few objects to measure).
     """
+    diameter = resolve_diameter(diameter, None)  # callers resolve "default" with the model's own mode
     check_diameter(diameter, model_diameter)
     if diameter is None or (diameter == SHRINK and not model_diameter):
         labels, scores = label_fn(raw)
