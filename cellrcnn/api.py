@@ -32,15 +32,6 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 __all__ = ["AutoSegmenter", "Result", "Segmenter", "available_models", "checkpoint_path", "model_card", "WEIGHTS_DIR"]
 
 
-def median_diameter(labels: np.ndarray) -> float | None:
-    """Median equivalent diameter (px) of the objects of a label image; None when too few to say."""
-    from cellrcnn.data.sizes import object_diameters
-    from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE
-
-    sizes = object_diameters(labels)
-    return float(np.median(sizes)) if len(sizes) >= MIN_OBJECTS_FOR_SIZE else None
-
-
 def available_models(weights_dir: str | Path | None = None) -> dict[str, Path]:
     """``{name: checkpoint path}`` of the shipped models (every ``<name>.ckpt`` in ``weights_dir``)."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -258,6 +249,8 @@ class Segmenter:
             progress: a progress bar over tiles for large images.
             plane: the z-plane of a multi-page TIFF (or of a stacked array) to segment.
         """
+        from cellrcnn.data.sizes import median_diameter
+        from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE
         from cellrcnn.inference.scale import check_diameter, predict_at_diameter, resolve_diameter
         from cellrcnn.io import label_dtype
 
@@ -271,7 +264,7 @@ class Segmenter:
                                                    getattr(self.module, "training_profile", None))
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
-        found = median_diameter(labels)
+        found = median_diameter(labels, MIN_OBJECTS_FOR_SIZE)
         info = {**info, "median_diameter": None if found is None else round(found, 2), "diameter": diameter,
                 "model": self.name, "checkpoint": str(self.checkpoint or self.name),
                 "warnings": self.warnings(raw, labels, info.get("factor", 1.0), found)}
@@ -282,10 +275,11 @@ class Segmenter:
                  found: float | None = None) -> list[str]:
         """Why this model's result on ``raw`` should not be trusted ([] when the image looks like its
         training data): :func:`cellrcnn.inference.choice.ood_reasons`; ``found``: the labels'
-        :func:`median_diameter`, when already measured."""
-        from cellrcnn.inference.choice import ood_reasons
+        :func:`cellrcnn.data.sizes.median_diameter`, when already measured."""
+        from cellrcnn.data.sizes import median_diameter
+        from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE, ood_reasons
 
-        found = median_diameter(labels) if found is None else found
+        found = median_diameter(labels, MIN_OBJECTS_FOR_SIZE) if found is None else found
         return ood_reasons(raw, getattr(self.module, "training_profile", None), found, factor)
 
     def segment_many(self, images: Iterable[str | Path], progress: bool = True, **kwargs) -> Iterator[Result]:

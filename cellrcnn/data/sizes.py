@@ -34,6 +34,15 @@ def object_diameters(labels: np.ndarray) -> np.ndarray:
     return equivalent_diameter(areas[areas > 0])
 
 
+MIN_OBJECTS = 5  # fewer objects measure no reliable median size
+
+
+def median_diameter(labels: np.ndarray, min_objects: int = MIN_OBJECTS) -> float | None:
+    """Median equivalent diameter (px) of the objects of a label image; None below ``min_objects``."""
+    sizes = object_diameters(labels)
+    return float(np.median(sizes)) if len(sizes) >= min_objects else None
+
+
 def annotation_diameter(annotation_file: str | Path) -> float | None:
     """Median object diameter (pixels) of a COCO instance file; None when it has no objects.
 

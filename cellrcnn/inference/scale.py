@@ -45,11 +45,16 @@ import torch
 import torch.nn.functional as F
 
 # the size helpers live in the data layer (below the models); importable from here as before
-from cellrcnn.data.sizes import annotation_diameter, equivalent_diameter, object_diameters  # noqa: F401
+from cellrcnn.data.sizes import (  # noqa: F401
+    MIN_OBJECTS,
+    annotation_diameter,
+    equivalent_diameter,
+    median_diameter,
+    object_diameters,  # noqa: F401
+)
 from cellrcnn.errors import UsageError
 
 TOLERANCE = 1.3  # sizes within this ratio of the training median need no resizing
-MIN_OBJECTS = 5  # fewer objects measure no reliable median size
 FACTOR_LIMITS = (0.25, 4.0)  # beyond these the image loses its objects or grows 16-fold
 AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny objects must not blow an image up 16-fold
 MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
@@ -186,8 +191,8 @@ def probe_diameter(raw: np.ndarray, probe_fn: LabelFn, factor: float = PROBE_FAC
         return None
     window = central_window(raw, PROBE_WINDOW)
     labels, _ = probe_fn(window if factor == 1 else resize_image(window, factor))
-    sizes = object_diameters(labels)
-    return float(np.median(sizes)) / factor if len(sizes) >= MIN_OBJECTS else None
+    measured = median_diameter(labels)
+    return None if measured is None else measured / factor
 
 
 def shrink_sizes(model_diameter: float, profile: Mapping | None = None) -> tuple[float, float]:
@@ -240,8 +245,7 @@ def predict_at_diameter(
     elif diameter == "auto":
         if probe_fn is None:  # the full native prediction measures, and stands when it needs no resizing
             first = label_fn(raw)
-            sizes = object_diameters(first[0])
-            measured = float(np.median(sizes)) if len(sizes) >= MIN_OBJECTS else None
+            measured = median_diameter(first[0])
         else:  # small objects are measured at native size, on one view of the central window
             measured = probe_diameter(raw, probe_fn, factor=1.0, min_side=0)
         info["measured_diameter"] = None if measured is None else round(measured, 2)
