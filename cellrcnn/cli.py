@@ -51,7 +51,32 @@ def user_errors(command: str):
         yield
     except (UsageError, ImageReadError, FileNotFoundError) as exc:
         print(f"cellrcnn {command}: error: {exc}", file=sys.stderr)
+        remove_empty_run_record()
         sys.exit(2)
+
+
+def remove_empty_run_record() -> None:
+    """Delete the run folder Hydra made for a command that stopped before doing anything (only its
+    ``.hydra`` record and log are there), and the empty folders above it up to the working
+    directory, so a mistyped option leaves no ``outputs/<command>/<time>/`` behind."""
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    run, cwd = Path(hydra_cfg.runtime.output_dir).resolve(), Path.cwd().resolve()
+    record = {".hydra", f"{hydra_cfg.job.name}.log"}
+    # only a folder of Hydra's own, inside the working directory and not the directory itself
+    if cwd not in run.parents or not (run / ".hydra").is_dir() or {p.name for p in run.iterdir()} - record:
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    for parent in run.parents:
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def one_console_for_lightning() -> None:

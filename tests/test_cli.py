@@ -59,6 +59,7 @@ def test_predict_chooses_a_shipped_model_by_name(tmp_path):
 
 
 def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
+    (tmp_path / "keep.log").write_text("a file of the user's")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
@@ -81,6 +82,10 @@ def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "o").exists()  # checked before the output folder is made
+        assert not (tmp_path / "run").exists()  # nor is Hydra's record of a run that did nothing kept
+    proc = cellrcnn("predict", "input=missing", "output=o", cwd=tmp_path)  # Hydra's default run folder
+    assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
+    assert (tmp_path / "keep.log").exists()
 
 
 @pytest.mark.slow
