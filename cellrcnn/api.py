@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,22 +58,29 @@ def model_card(name: str, weights_dir: str | Path | None = None) -> dict[str, An
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
+# a 3-D array whose first axis is this short and both others longer holds its channels first
+MAX_CHANNELS_FIRST = 8
+
+
 def as_image(image: np.ndarray, channel: int | None = None) -> np.ndarray:
     """An in-memory image -> raw H×W or H×W×3 pixels, as :func:`cellrcnn.io.read_image` gives a file.
 
-    Accepts H×W, H×W×1, H×W×3 and H×W×4 arrays of any dtype (RGBA: alpha is dropped).
-    ``channel`` picks one channel of H×W×C (any C, e.g. the DAPI plane of a multi-channel
-    stack) and gives a grey image; other channel counts need it (which one holds the nuclei
-    cannot be guessed).
+    Accepts H×W, H×W×1, H×W×3 and H×W×4 arrays of any dtype (RGBA: alpha is dropped), and the
+    same channels first (C×H×W, as ``tifffile.imread`` gives a multi-channel TIFF: a first axis
+    of at most :data:`MAX_CHANNELS_FIRST` before an image side longer than that).
+    ``channel`` picks one channel (any C, e.g. the DAPI plane of a multi-channel stack) and gives
+    a grey image; other channel counts need it (which one holds the nuclei cannot be guessed).
     """
     image = np.asarray(image)
     if image.dtype == bool:
         image = image.view(np.uint8)
     if image.dtype.kind not in "uif":
         raise ValueError(f"an image must hold numbers, got dtype {image.dtype}")
+    if image.ndim == 3 and image.shape[0] <= MAX_CHANNELS_FIRST < min(image.shape[1:]):
+        image = np.moveaxis(image, 0, -1)  # C×H×W -> H×W×C, a view
     if channel is not None:
         if image.ndim != 3:
-            raise ValueError(f"channel={channel} needs an H×W×C image, got shape {image.shape}")
+            raise ValueError(f"channel={channel} needs an H×W×C (or C×H×W) image, got shape {image.shape}")
         if not -image.shape[-1] <= int(channel) < image.shape[-1]:
             raise ValueError(f"channel={channel} is out of range for {image.shape[-1]} channels")
         image = image[..., int(channel)]
@@ -141,11 +149,16 @@ class Segmenter:
         score_threshold: override the checkpoint's detection score threshold (Mask R-CNN).
         tta: override the checkpoint's test-time flips (U-Net): True (all four views), False (about
             4x faster), or the number of views 1-4 (:func:`cellrcnn.models.unet.flip_count`).
+        polarity: ``auto`` (decided per image), ``bright`` (the objects are brighter than the
+            background: fluorescence, however densely the nuclei fill the field) or ``dark``
+            (darker: brightfield); see :func:`cellrcnn.io.inverts`.
     """
 
     def __init__(self, module, name: str = "", checkpoint: str | Path | None = None, tile_size: int | None = None,
-                 tile_overlap: int = 128, score_threshold: float | None = None, tta: bool | int | None = None):
+                 tile_overlap: int = 128, score_threshold: float | None = None, tta: bool | int | None = None,
+                 polarity: str = "auto"):
         from cellrcnn.inference.predictor import set_score_threshold
+        from cellrcnn.io import check_polarity
 
         self.module = module
         self.name = name
@@ -162,7 +175,8 @@ class Segmenter:
 
             flip_count(tta)  # a wrong value fails here, not at the first image
             module.tta = tta
-        self.settings = dict(module.input_settings)  # channels, and inversion of bright backgrounds
+        # channels, and inversion of bright backgrounds (the model's) unless the user says otherwise
+        self.settings = {**module.input_settings, "polarity": check_polarity(polarity)}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> Segmenter:
@@ -252,7 +266,7 @@ class Segmenter:
         from cellrcnn.data.sizes import median_diameter
         from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE
         from cellrcnn.inference.scale import check_diameter, predict_at_diameter, resolve_diameter
-        from cellrcnn.io import label_dtype
+        from cellrcnn.io import input_polarity, label_dtype
 
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
@@ -267,6 +281,8 @@ class Segmenter:
         found = median_diameter(labels, MIN_OBJECTS_FOR_SIZE)
         info = {**info, "median_diameter": None if found is None else round(found, 2), "diameter": diameter,
                 "model": self.name, "checkpoint": str(self.checkpoint or self.name),
+                "seen_as": input_polarity(raw, self.settings["invert_bright"], self.settings["hematoxylin"],
+                                          self.settings["polarity"]),
                 "warnings": self.warnings(raw, labels, info.get("factor", 1.0), found)}
         return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
                       pixel_size=pixel_size, info=info)
@@ -282,15 +298,26 @@ class Segmenter:
         found = median_diameter(labels, MIN_OBJECTS_FOR_SIZE) if found is None else found
         return ood_reasons(raw, getattr(self.module, "training_profile", None), found, factor)
 
-    def segment_many(self, images: Iterable[str | Path], progress: bool = True, **kwargs) -> Iterator[Result]:
+    def segment_many(self, images: Iterable[str | Path], progress: bool = True, skip_unreadable: bool = True,
+                     **kwargs) -> Iterator[Result]:
         """Segment image files one after the other (lazily), with a progress bar; keyword
-        arguments as :meth:`segment`. An unreadable file raises :class:`cellrcnn.io.ImageReadError`
-        naming it."""
+        arguments as :meth:`segment`. A file that cannot be read (:class:`cellrcnn.io.ImageReadError`,
+        naming it and why) is skipped with a warning, as ``predict.py`` skips it, so one bad file
+        does not stop a folder; ``skip_unreadable=False`` raises the error instead."""
         from tqdm import tqdm
+
+        from cellrcnn.io import ImageReadError
 
         images = list(images)
         for path in tqdm(images, desc="segment", unit="image", disable=not progress):
-            yield self.segment(path, **kwargs)
+            try:
+                result = self.segment(path, **kwargs)
+            except ImageReadError as exc:
+                if not skip_unreadable:
+                    raise
+                warnings.warn(f"skipped: {exc}", stacklevel=2)
+                continue
+            yield result
 
     def __repr__(self) -> str:
         return (f"Segmenter({self.name!r}, {type(self.module).__name__}, channels={self.settings['channels']}, "
@@ -341,7 +368,7 @@ class AutoSegmenter:
         if isinstance(image, str | Path):
             kwargs.setdefault("name", Path(image).name)
         raw = Segmenter.read(image, channel, kwargs.pop("plane", None))
-        name, reason = choose_model(raw, self.models)
+        name, reason = choose_model(raw, self.models, self.kwargs.get("polarity", "auto"))
         result = self.segmenter(name).segment(raw, **kwargs)
         result.info["model_choice"] = reason
         return result

@@ -102,7 +102,13 @@ def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
         n_alpha = sum(e in _ALPHA_EXTRASAMPLES for e in extras)
         if n_alpha and data.shape[-1] - n_alpha >= 1:
             data = data[..., : data.shape[-1] - n_alpha]  # the ExtraSamples tag marks them as alpha
-        if photometric == 2 and data.shape[-1] >= 3:  # RGB
+        extra = data[..., 3:]
+        if photometric == 2 and extra.size and extra.min() != extra.max():
+            # RGB plus varying samples the tag does not call alpha: channels of their own (the
+            # nuclei may be in one), so all of them are offered to channel=K; a constant one is
+            # an untagged alpha
+            data, axes, kind = np.moveaxis(data, -1, 0), "C" + axes[:-1], "channels"
+        elif photometric == 2 and data.shape[-1] >= 3:  # RGB
             data, axes, kind = data[..., :3], axes[:-1], "colour"
         elif data.shape[-1] == 1:
             data, axes = data[..., 0], axes[:-1]
@@ -318,10 +324,72 @@ def is_stained(image: np.ndarray, channel_axis: int = -1) -> bool:
 def bright_background(image: np.ndarray, stained: bool = False) -> bool:
     """Whether a percentile-normalised image shows dark objects on a bright background
     (brightfield, H&E): its median, i.e. the background of any image that objects cover less
-    than half of, lies in the upper half of its intensity range; or, for a colour-stained image
-    (``stained``, :func:`is_stained` of the raw pixels), above :data:`STAINED_MIN_MEDIAN`."""
+    than half of, lies in the upper half of its intensity range, and so does its most common
+    grey level (:func:`background_level`); or, for a colour-stained image (``stained``,
+    :func:`is_stained` of the raw pixels), its median lies above :data:`STAINED_MIN_MEDIAN`.
+
+    The second condition keeps dense fluorescence fields (nuclei over more than half of the
+    field, so a bright median) as they are: their dark background is still the commonest level.
+    On 3,189 random crops of DSB2018 and S-BSST265 grey images the median alone inverted 14
+    fluorescence crops (nuclei over 58-94 % of them), both conditions 5 (over 77-94 %); on the
+    693 whole annotated images of DSB2018, S-BSST265 and MoNuSeg both rules decide alike and
+    right. Denser fields need ``polarity=bright`` (:func:`input_polarity`).
+    """
+    image = np.asarray(image)
     median = float(np.median(image))
-    return median > 0.5 or (stained and median > STAINED_MIN_MEDIAN)
+    if stained:
+        return median > STAINED_MIN_MEDIAN
+    return median > 0.5 and background_level(image) > 0.5
+
+
+def background_level(image: np.ndarray, bins: int = 64) -> float:
+    """The commonest grey level of a percentile-normalised image (centre of the tallest bin of a
+    lightly smoothed histogram over [0, 1]): an even background outnumbers any single level of
+    textured objects."""
+    counts, edges = np.histogram(np.clip(image, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    counts = np.convolve(counts, np.ones(3) / 3, mode="same")
+    top = int(np.argmax(counts))
+    return float(edges[top] + edges[top + 1]) / 2
+
+
+POLARITIES = ("auto", "bright", "dark")
+
+
+def check_polarity(polarity: str) -> str:
+    """``polarity`` when it is one of :data:`POLARITIES`, else a ValueError saying what each means."""
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity={polarity!r}: use auto (decided per image), bright (objects brighter than "
+                         "the background: fluorescence) or dark (darker: brightfield, stained tissue)")
+    return polarity
+
+
+def as_hematoxylin(raw: np.ndarray, hematoxylin: bool, polarity: str = "auto") -> bool:
+    """Whether a model that reads stained tissue as hematoxylin density (``hematoxylin``) gets
+    these raw pixels so: colour-stained tissue (:func:`is_stained_tissue`), unless the user said
+    the objects are bright (``polarity``)."""
+    return hematoxylin and check_polarity(polarity) != "bright" and is_stained_tissue(raw)
+
+
+def inverts(normalised: np.ndarray, raw: np.ndarray, invert_bright: bool, polarity: str = "auto") -> bool:
+    """Whether a model that trained on inverted bright-background images (``invert_bright``) gets
+    this one inverted: ``polarity`` ``dark`` (the user says the objects are darker than the
+    background) always, ``bright`` never, ``auto`` when the percentile-``normalised`` image has a
+    :func:`bright_background` (judged as colour-stained when ``raw`` is)."""
+    if not invert_bright or check_polarity(polarity) == "bright":
+        return False
+    return polarity == "dark" or bright_background(normalised, stained=is_stained(raw))
+
+
+def input_polarity(raw: np.ndarray, invert_bright: bool, hematoxylin: bool = False, polarity: str = "auto",
+                   max_samples: int = 1 << 22) -> str:
+    """How :func:`prepare_image` presents raw pixels to a model: ``"hematoxylin"`` (stained tissue
+    as its nuclear stain's density), ``"inverted"`` (dark objects on a bright background turned
+    into bright ones) or ``"as is"``; a large image is judged from a subsample."""
+    raw = np.asarray(raw)
+    if as_hematoxylin(raw, hematoxylin, polarity):
+        return "hematoxylin"
+    sample = strided_sample(raw, max_samples)
+    return "inverted" if inverts(normalize_percentile(to_channels(sample, 1)), sample, invert_bright, polarity) else "as is"
 
 
 # Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB optical density per R, G, B;
@@ -371,7 +439,7 @@ def is_stained_tissue(raw: np.ndarray, max_samples: int = 1 << 20) -> bool:
 
 
 def prepare_image(raw: np.ndarray, channels: int = 3, invert_bright: bool = False,
-                  hematoxylin: bool = False) -> np.ndarray:
+                  hematoxylin: bool = False, polarity: str = "auto") -> np.ndarray:
     """Raw H×W(×C) pixels -> float32 C×H×W normalised model input.
 
     ``invert_bright``: an image with a bright background becomes ``1 - image``, so every
@@ -379,13 +447,15 @@ def prepare_image(raw: np.ndarray, channels: int = 3, invert_bright: bool = Fals
     image (a training crop or a tile could be mostly object).
     ``hematoxylin``: colour-stained tissue (:func:`is_stained_tissue`) becomes its hematoxylin
     density (:func:`hematoxylin_density`) instead, already bright nuclei on a dark background.
+    ``polarity``: ``auto`` decides both from the image; ``bright`` or ``dark`` say what the objects
+    are (:func:`inverts`, :func:`as_hematoxylin`).
     """
     raw = np.asarray(raw)
-    if hematoxylin and is_stained_tissue(raw):
+    if as_hematoxylin(raw, hematoxylin, polarity):
         image = normalize_percentile(to_channels(hematoxylin_density(raw), channels))
         return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
     image = normalize_percentile(to_channels(raw, channels))
-    if invert_bright and bright_background(image, stained=is_stained(raw)):
+    if inverts(image, raw, invert_bright, polarity):
         image = 1.0 - image
     return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
 

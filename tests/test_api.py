@@ -129,6 +129,30 @@ def test_channel_or_plane_selects_one_image(segmenter):
         segmenter.segment(stack, channel=5)
     planes = np.moveaxis(stack, -1, 0)  # as a Z×H×W stack: plane=3 is the nuclei
     np.testing.assert_array_equal(segmenter.segment(planes, plane=3).labels, by_channel.labels)
+    # the same array as channels first (what tifffile.imread gives a multi-channel TIFF): channel=3
+    np.testing.assert_array_equal(segmenter.segment(planes, channel=3).labels, by_channel.labels)
+
+
+def test_polarity_says_what_the_objects_are(segmenter):
+    """Bright nuclei filling most of a field (a bright median: read as brightfield, so inverted)
+    are segmented as they are with polarity=bright; dark ones on a bright field are inverted by
+    default and with polarity=dark; the result says how the model saw the image."""
+    yy, xx = np.mgrid[:256, :256]
+    dense = np.full((256, 256), 20, np.uint8)
+    for y in range(16, 256, 32):
+        for x in range(16, 256, 32):
+            dense[(yy - y) ** 2 + (xx - x) ** 2 < 15**2] = 200  # 64 nuclei over 69 % of the field
+    dense[(yy % 32 - 16) ** 2 + (xx % 32 - 16) ** 2 < 9] = 120  # a dim nucleolus in each
+    default = segmenter.segment(dense)
+    bright = Segmenter.from_pretrained("nuclei", polarity="bright").segment(dense)
+    assert bright.info["seen_as"] == "as is" and bright.n_objects == 64
+    assert default.info["seen_as"] == "inverted" and default.n_objects != 64  # the user's word is needed
+    dark_field = 255 - disks_image()
+    assert segmenter.segment(dark_field).info["seen_as"] == "inverted"
+    forced = Segmenter.from_pretrained("nuclei", polarity="dark").segment(dark_field)
+    assert forced.info["seen_as"] == "inverted" and forced.n_objects == 25
+    with pytest.raises(ValueError, match="bright"):
+        Segmenter.from_pretrained("nuclei", polarity="white")
 
 
 def test_segment_many_in_order_with_pixel_size(segmenter, tmp_path):
@@ -140,8 +164,12 @@ def test_segment_many_in_order_with_pixel_size(segmenter, tmp_path):
     assert [r.name for r in results] == ["d1.png", "d2.png"] and [r.n_objects for r in results] == [2, 4]
     assert results[0].table["area_um2"].between(150 * 0.25, 400 * 0.25).all()
     (tmp_path / "bad.png").write_text("not an image")
+    # one unreadable file is skipped with a warning naming it, and the images after it still come
+    with pytest.warns(UserWarning, match="bad.png"):
+        kept = list(segmenter.segment_many([paths[0], tmp_path / "bad.png", paths[1]], progress=False))
+    assert [r.name for r in kept] == ["d1.png", "d2.png"]
     with pytest.raises(ImageReadError, match="bad.png"):
-        list(segmenter.segment_many([tmp_path / "bad.png"], progress=False))
+        list(segmenter.segment_many([tmp_path / "bad.png"], progress=False, skip_unreadable=False))
 
 
 def test_as_image_rules():
@@ -149,6 +177,9 @@ def test_as_image_rules():
     assert as_image(np.zeros((8, 9, 2), np.uint8), channel=1).shape == (8, 9)
     assert as_image(np.zeros((8, 9, 4), np.float32)).shape == (8, 9, 3)
     assert as_image(np.zeros((8, 9), bool)).dtype == np.uint8
+    assert as_image(np.zeros((3, 20, 30), np.uint8)).shape == (20, 30, 3)  # channels first
+    assert as_image(np.zeros((2, 20, 30), np.uint16), channel=1).shape == (20, 30)
+    assert as_image(np.zeros((20, 30, 2), np.uint16), channel=1).shape == (20, 30)
     for bad, message in ((np.zeros((2, 8, 9, 3)), "H×W"), (np.zeros((8, 9, 2)), "channel="), (np.zeros((0, 9)), "empty"),
                          (np.array([["a"]]), "numbers")):
         with pytest.raises(ValueError, match=message):

@@ -25,6 +25,13 @@ def test_stained_images_go_to_the_stained_model_when_installed():
     assert choose_model(_he(), ["nuclei"])[0] == "nuclei"
     with pytest.raises(ValueError, match="ckpt_path"):
         choose_model(_he(), [])
+    # fluorescence saved as colour (DAPI in blue, a green marker) has a dark background: no stain
+    composite = np.zeros((64, 64, 3), np.uint8)
+    composite[10:20, 10:20] = (0, 40, 220)
+    composite[30:40, 30:40] = (0, 200, 30)
+    assert choose_model(composite, ["nuclei", "nuclei_he"]) == ("nuclei", "fluorescence image")
+    # the user's polarity=bright rules stained tissue out
+    assert choose_model(_he(), ["nuclei", "nuclei_he"], polarity="bright")[0] == "nuclei"
 
 
 def test_ood_flags_unseen_modality_sizes_and_missing_signal():
@@ -39,6 +46,10 @@ def test_ood_flags_unseen_modality_sizes_and_missing_signal():
     assert ood_reasons(_fluorescence(), profile, 5.0 / 1.6) != []
     flat = _fluorescence(value=101)
     assert signal_range(flat) < 0.01 and "no signal" in ood_reasons(flat, None, None)[0]
+    # a dim 16-bit field (values 100-400, a 12-bit camera's low range) has signal all the same
+    dim = np.random.default_rng(0).integers(100, 400, (64, 64)).astype(np.uint16)
+    assert signal_range(dim) > 0.5 and ood_reasons(dim, None, None) == []
+    assert "no signal" in ood_reasons(np.full((64, 64), 1000, np.uint16), None, None)[0]
     assert ood_reasons(_fluorescence(), {}, None) == []
 
 

@@ -239,3 +239,47 @@ def test_image_files_sorted_and_filtered(tmp_path):
     for name in ("b.png", "a.TIF", ".hidden.png", "notes.txt", "._a.png"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in image_files(tmp_path)] == ["a.TIF", "b.png"]
+
+
+def test_bright_background_needs_the_commonest_level_bright_too():
+    """Textured fluorescence nuclei over most of a field (a bright median) keep their dark, even
+    background as the commonest grey level: not inverted; brightfield's even bright background is
+    both the median and the commonest level."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:128, :128]
+    nuclei = ((yy % 32) - 16) ** 2 + ((xx % 32) - 16) ** 2 < 15**2  # 69 % of the field
+    dense = np.where(nuclei, rng.integers(130, 250, (128, 128)), 10).astype(np.uint8)  # chromatin texture
+    grey = normalize_percentile(dense.astype(np.float32))
+    assert np.median(grey) > 0.5 and not bright_background(grey)
+    brightfield = np.where(nuclei & (yy < 40), rng.integers(20, 120, (128, 128)), 230).astype(np.uint8)
+    assert bright_background(normalize_percentile(brightfield.astype(np.float32)))
+    np.testing.assert_array_equal(prepare_image(dense, 1, invert_bright=True), prepare_image(dense, 1))
+
+
+def test_polarity_overrides_the_decision():
+    flat_nuclei = np.full((64, 64), 200, np.uint8)
+    flat_nuclei[:8] = 10  # nuclei everywhere but a strip: read as a bright background
+    auto = prepare_image(flat_nuclei, 1, invert_bright=True)
+    assert auto[0, 0, 0] > 0.9  # inverted: the strip became bright
+    np.testing.assert_array_equal(prepare_image(flat_nuclei, 1, invert_bright=True, polarity="bright"),
+                                  prepare_image(flat_nuclei, 1))
+    dark = prepare_image(255 - flat_nuclei, 1, invert_bright=True, polarity="dark")
+    np.testing.assert_allclose(dark, 1.0 - prepare_image(255 - flat_nuclei, 1), atol=1e-6)
+    # a model that did not train on inverted images is never inverted
+    np.testing.assert_array_equal(prepare_image(flat_nuclei, 1, polarity="dark"), prepare_image(flat_nuclei, 1))
+    with pytest.raises(ValueError, match="polarity"):
+        prepare_image(flat_nuclei, 1, invert_bright=True, polarity="up")
+
+
+def test_rgb_tiff_with_a_varying_untagged_fourth_sample_offers_all_channels(tmp_path):
+    """An RGB TIFF whose 4th sample is not tagged as alpha and varies (the nuclei may be there)
+    asks for channel=K instead of dropping it; a constant untagged 4th sample is an alpha."""
+    nuclei = RNG.integers(0, 256, (13, 17), dtype=np.uint8)
+    rgbx = np.dstack([GREY8, GREY8, GREY8, nuclei])
+    tifffile.imwrite(tmp_path / "x.tif", rgbx, photometric="rgb", extrasamples=["unspecified"])
+    with pytest.raises(ImageReadError, match="channel=K"):
+        read_image(tmp_path / "x.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "x.tif", channel=3), nuclei)
+    rgbx[..., 3] = 255
+    tifffile.imwrite(tmp_path / "a.tif", rgbx, photometric="rgb", extrasamples=["unspecified"])
+    np.testing.assert_array_equal(read_image(tmp_path / "a.tif"), rgbx[..., :3])

@@ -30,6 +30,14 @@ def appearance_key(raw: np.ndarray) -> tuple[int, int, bool, bool]:
 
 def modality(raw: np.ndarray) -> str:
     """``"H&E"`` (a colour stain), ``"brightfield"`` (grey, bright background) or ``"fluorescence"``
-    (bright nuclei on a dark background), read from the pixels."""
+    (bright nuclei on a dark background, grey or colour), read from the pixels.
+
+    Colour on a dark background is fluorescence saved as RGB (DAPI in blue, a composite with a
+    second marker), not a stain: stained tissue has a bright background even where it is dense
+    (:func:`cellrcnn.io.is_stained_tissue`; every colour image of DSB2018 and MoNuSeg passes it)."""
+    from cellrcnn.io import is_stained_tissue
+
     _, _, colour, bright = appearance_key(raw)
-    return "H&E" if colour else "brightfield" if bright else "fluorescence"
+    if colour:
+        return "H&E" if bright or is_stained_tissue(raw) else "fluorescence"
+    return "brightfield" if bright else "fluorescence"

@@ -33,12 +33,15 @@ MIN_OBJECTS_FOR_SIZE = 5
 MIN_SIGNAL = 0.01
 
 
-def choose_model(raw: np.ndarray, available: Iterable[str]) -> tuple[str, str]:
-    """``(model name, reason)`` for one raw image among the ``available`` shipped models."""
+def choose_model(raw: np.ndarray, available: Iterable[str], polarity: str = "auto") -> tuple[str, str]:
+    """``(model name, reason)`` for one raw image among the ``available`` shipped models;
+    ``polarity="bright"`` (the user says the objects are bright) rules out stained tissue."""
     names = list(available)
     if not names:
         raise ValueError("no shipped model is installed (cellrcnn/weights/*.ckpt); give ckpt_path=")
     kind = modality(raw)
+    if kind == "H&E" and polarity == "bright":
+        return default_model(names), "colour image with bright objects (polarity=bright)"
     if kind == "H&E" and STAINED_MODEL in names:
         # its training data (MoNuSeg) is CC BY-NC-SA: say so wherever the choice is recorded
         return STAINED_MODEL, ("colour-stained image (H&E-like); nuclei_he's weights are for non-commercial "
@@ -66,14 +69,19 @@ def training_profile(modalities: Iterable[str], diameters: Iterable[float]) -> d
 
 
 def signal_range(raw: np.ndarray) -> float:
-    """The 1st-99.8th percentile spread of the pixels as a share of their type's range (1 for floats
-    with any spread)."""
+    """The 1st-99.8th percentile spread of the pixels as a share of the range their values use
+    (1 for floats with any spread).
+
+    An integer image's range is that of the bits it fills (at least 8): a 12-bit camera's field
+    stored as 16-bit, or a dim 16-bit field with values 100-400, is judged against 4095 or 511,
+    not 65535; a flat or black image has no spread at all."""
     raw = np.asarray(raw)
     sample = raw[:: max(1, raw.shape[0] // 512), :: max(1, raw.shape[1] // 512)]  # before any float copy
     grey = sample[..., :3].mean(axis=-1) if raw.ndim == 3 else sample
     lo, hi = np.percentile(grey, (1, 99.8))
     if raw.dtype.kind in "ui":
-        return float(hi - lo) / float(np.iinfo(raw.dtype).max)
+        top = max(float(np.max(sample)), 255.0)
+        return float(hi - lo) / (2.0 ** np.ceil(np.log2(top + 1)) - 1)
     return 1.0 if hi > lo else 0.0
 
 

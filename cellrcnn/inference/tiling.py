@@ -49,7 +49,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from cellrcnn.io import NORMALISED_LIMIT
+from cellrcnn.io import NORMALISED_LIMIT, check_polarity
 from cellrcnn.models.postprocess import _numpy, labels_to_instances
 
 PredictFn = Callable[[list[torch.Tensor]], list[dict]]
@@ -245,6 +245,7 @@ def predict_tiled(
     seam_tolerance: float | None = None,
     normalize: bool | None = None,
     invert_bright: bool = False,
+    polarity: str = "auto",
 ) -> TiledPrediction:
     """Instances of a large image by overlapping tiles, merged into one label image.
 
@@ -269,6 +270,8 @@ def predict_tiled(
         invert_bright: invert every tile (``1 - x``) when the whole image has a bright
             background (:func:`cellrcnn.io.bright_background`), as ``prepare_image`` does for
             the models trained that way.
+        polarity: ``auto`` (as just said), ``dark`` (invert, the objects are darker than the
+            background) or ``bright`` (do not): :func:`cellrcnn.io.inverts`.
 
     Returns:
         ``TiledPrediction(labels uint32 H×W, scores float32 N)``, ``scores[k - 1]`` for label k.
@@ -282,7 +285,8 @@ def predict_tiled(
     if normalize is None:
         normalize = image.dtype.kind != "f"
     scale = estimate_percentiles(image) if normalize else None
-    invert = invert_bright and _bright_background(image, scale)
+    invert = invert_bright and check_polarity(polarity) != "bright" and (
+        polarity == "dark" or _bright_background(image, scale))
     tol = min(overlap / 8.0, 16.0) if seam_tolerance is None else float(seam_tolerance)
     ys, xs = tile_starts(height, tile_size, overlap), tile_starts(width, tile_size, overlap)
     own_y, own_x = owned_ranges(ys, tile_size, height), owned_ranges(xs, tile_size, width)
@@ -359,27 +363,29 @@ def predict_image(
     progress: bool = True,
     invert_bright: bool = False,
     hematoxylin: bool = False,
+    polarity: str = "auto",
 ) -> TiledPrediction:
     """Labels and scores of one raw image (H×W or H×W×C, any dtype, as :func:`cellrcnn.io.read_image`
     returns it), tiled when larger than ``tile_size``.
 
     An image that fits one tile gets exactly the evaluation preprocessing
     (:func:`cellrcnn.io.prepare_image`); a larger one stays raw in memory and each tile is
-    normalised with percentiles of the whole image. ``invert_bright``, ``hematoxylin``: see
-    :func:`cellrcnn.io.prepare_image`.
+    normalised with percentiles of the whole image. ``invert_bright``, ``hematoxylin``,
+    ``polarity``: see :func:`cellrcnn.io.prepare_image`.
     """
-    from cellrcnn.io import hematoxylin_density, is_stained_tissue, prepare_image
+    from cellrcnn.io import as_hematoxylin, hematoxylin_density, prepare_image
 
     raw = np.asarray(raw)
     if raw.dtype == bool:
         raw = raw.view(np.uint8)
     if max(raw.shape[:2]) <= tile_size:
-        return predict_tiled(prepare_image(raw, channels, invert_bright, hematoxylin), predict_fn, tile_size, overlap, progress=False)
-    if hematoxylin and is_stained_tissue(raw):  # one float plane, as prepare_image would make it
+        return predict_tiled(prepare_image(raw, channels, invert_bright, hematoxylin, polarity), predict_fn, tile_size,
+                             overlap, progress=False)
+    if as_hematoxylin(raw, hematoxylin, polarity):  # one float plane, as prepare_image would make it
         raw, invert_bright = hematoxylin_density(raw), False
     chw = raw[None] if raw.ndim == 2 else np.moveaxis(raw, -1, 0)  # a view: no copy of a large image
     return predict_tiled(chw, predict_fn, tile_size, overlap, progress, channels=channels, normalize=True,
-                         invert_bright=invert_bright)
+                         invert_bright=invert_bright, polarity=polarity)
 
 
 def predict_fn_from_label_fn(label_fn: Callable[[np.ndarray], np.ndarray], score: float = 1.0) -> PredictFn:
