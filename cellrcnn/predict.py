@@ -6,24 +6,37 @@ whole run ``coco_results.json`` (COCO results, ``image_id`` as in ``predictions.
 ``predictions.json`` (images, object counts, skipped files) and with ``measure=true``
 ``measurements.csv`` (one row per cell, ``anomaly=true`` adds shape-anomaly scores) and
 ``summary.csv`` (per image). Images larger than ``tile_size`` are predicted in overlapping tiles. A file that cannot be read is reported by name and skipped; the other images
-of a folder are still processed.
+of a folder are still processed. Files of a folder that are not images, and its subfolders (not
+searched), are reported on the console and in ``predictions.json`` (``ignored``). The output folder
+may be the input folder: what an earlier run wrote there (its ``predictions.json`` names every file)
+is not taken for an input again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from .io import IMAGE_SUFFIXES, ImageReadError, atomic_write, protect_inputs, read_image
+from .errors import UsageError
+from .io import IMAGE_SUFFIXES, ImageReadError, atomic_write, is_protected, protect_inputs, read_image
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "nuclei.ckpt"
 MIN_CELLS_FOR_ANOMALY = 30  # fewer cells cannot define what a typical shape is
+RECORD = "predictions.json"
+ALWAYS_WRITTEN = ("coco_results.json", RECORD)  # by every run, whatever its options
+NAMED = 4  # files named in a console line; the rest are counted
 log = logging.getLogger(__name__)
+
+
+class InputWouldBeReplaced(UsageError, FileExistsError):
+    """An output of the run has the name of a file of the input folder (the run's output folder)."""
 
 
 def say(message: str) -> None:
@@ -57,10 +70,163 @@ def input_files(path: str | Path) -> tuple[list[Path], list[Path]]:
     return images, [p for p in files if p not in images]
 
 
-def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int]], cfg: DictConfig):
+def subfolders(path: Path, out: Path) -> list[Path]:
+    """The visible subfolders of a folder input, which are not searched; the one that is (or holds)
+    the output folder is no input of anyone's and is left out."""
+    if not path.is_dir():
+        return []
+    out = out.resolve()
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.resolve() != out and p.resolve() not in out.parents)
+
+
+def read_record(path: Path) -> dict | None:
+    """An earlier run's ``predictions.json``, or None where there is none or the file is not one
+    (a user's own file of that name)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: no JSON, or no text at all
+        return None
+    if not isinstance(record, dict):
+        return None
+    images, skipped = record.get("images"), record.get("skipped", [])
+    ours = isinstance(images, list) and isinstance(skipped, list) and all(
+        isinstance(entry, dict) and isinstance(entry.get("file"), str) for entry in [*images, *skipped]
+    ) and all(isinstance(entry.get("labels"), str) for entry in images)
+    return record if ours else None
+
+
+def _names(value) -> set[str]:
+    """File names (no folders: an entry may not lead out of the output folder) of a list in a record."""
+    return {Path(str(v)).name for v in value} if isinstance(value, list) else set()
+
+
+def recorded_outputs(record: dict) -> set[str]:
+    """The files a run wrote into its output folder, by its ``predictions.json``: each image's and the
+    run's ``outputs``, and the ``earlier_outputs`` of the runs before it that were still there. A
+    record older than these keys names each image's label image, whose stem is that of its exports
+    (free_stem chose it so that no input had any export's name), and the files every run writes."""
+    from .inference.exports import EXPORT_SUFFIXES
+
+    names = _names(record.get("outputs")) or set(ALWAYS_WRITTEN)
+    names |= _names(record.get("earlier_outputs"))
+    for entry in record["images"]:
+        stem = Path(entry["labels"]).stem
+        names |= _names(entry.get("outputs")) or {Path(stem + suffix).name for suffix in EXPORT_SUFFIXES}
+    return names
+
+
+def recorded_inputs(record: dict | None) -> set[str]:
+    """The files a run took as inputs (segmented or unreadable): an input stays one."""
+    entries = [*record["images"], *record.get("skipped", [])] if record else []
+    return {Path(entry["file"]).name for entry in entries}
+
+
+def made_from(stem: str, source: Path) -> bool:
+    """Whether predict names the outputs of image ``source`` ``stem``: its own stem, with ``_pred``,
+    ``_pred2``... (free_stem: an input had the name) or with its suffix (a second image of that stem)."""
+    own, suffix = source.stem, source.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return False
+    renamed = re.fullmatch(re.escape(own) + r"_pred\d*", stem) is not None
+    return renamed or stem in (own, f"{own}_{source.suffix.lstrip('.')}")
+
+
+def output_pairs(files: list[Path]) -> set[str]:
+    """The label image and overlay pairs (``<stem>.tif``, ``<stem>_overlay.png``) of ``files`` made
+    from another image among them: what a run wrote that left no record (it crashed, or its
+    predictions.json was deleted). Both names and a source are needed, so a user's own
+    ``x_overlay.png`` or ``x.tif`` alone is still an input."""
+    names = {p.name for p in files}
+    found = set()
+    for overlay in files:
+        stem = overlay.name.removesuffix("_overlay.png")
+        label = f"{stem}.tif"
+        if stem == overlay.name or label not in names:
+            continue
+        if any(made_from(stem, p) for p in files if p.name not in (label, overlay.name)):
+            found |= {label, overlay.name}
+    return found
+
+
+def earlier_outputs(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """The ``files`` of ``folder`` (the input and the output folder at once) that an earlier run of
+    predict wrote, by how they are known: listed in its predictions.json, or paired as a run writes
+    them. A file a record names as an input is never one of them."""
+    record = read_record(folder / RECORD)
+    inputs = recorded_inputs(record)
+    listed = recorded_outputs(record) - inputs if record else set()
+    paired = output_pairs(files) - inputs - listed
+    files = sorted(files)
+    return {"that an earlier run of predict wrote here (listed in its predictions.json)":
+            [p for p in files if p.name in listed],
+            "that look like an earlier run's outputs (a <stem>.tif and <stem>_overlay.png pair beside "
+            "the image they are named after)": [p for p in files if p.name in paired]}
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:NAMED]) + (f" and {len(names) - NAMED} more" if len(names) > NAMED else "")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def gather_inputs(source: Path, out: Path) -> tuple[list[Path], list[Path], dict[str, list[str]]]:
+    """(images to segment, other files, what predictions.json records as ``ignored`` and
+    ``earlier_outputs``) of ``input=``; says on the console what was ignored and why."""
+    images, others = input_files(source)  # a lone file is tried whatever its suffix
+    earlier = {}
+    if source.is_dir() and os.path.samefile(source, out):  # out exists: run() made it
+        earlier = earlier_outputs(out, [*images, *others])
+    theirs = {p for group in earlier.values() for p in group}
+    images, others = [p for p in images if p not in theirs], [p for p in others if p not in theirs]
+    folders = subfolders(source, out)
+    for why, files in earlier.items():
+        if files:
+            say(f"ignored {_count(len(files), 'file')} {why}: {_some([p.name for p in files])}")
+    if others and source.is_dir():
+        verb = "is" if len(others) == 1 else "are"
+        say(f"ignored {_count(len(others), 'file')} that {verb} not an image of a supported format "
+            f"({', '.join(IMAGE_SUFFIXES)}): {_some([p.name for p in others])}")
+    if folders:
+        say(f"ignored {_count(len(folders), 'subfolder')}: {_some([p.name + '/' for p in folders])} "
+            "(subfolders are not searched; give one as input= to segment it)")
+    if theirs and not images:  # a run over nothing but its own results would rewrite them as empty
+        raise UsageError(f"input={source}: no images to segment: its image files are outputs of an "
+                         "earlier run of predict (see above)", "add the images, or give another input=")
+    ignored = {"ignored": [str(p) for p in [*others, *sorted(theirs)]] + [str(p) + os.sep for p in folders],
+               "earlier_outputs": sorted(p.name for p in theirs)}
+    return images, others, ignored
+
+
+def check_run_files_free(out: Path, names: list[str]) -> None:
+    """Before any image is predicted: no file the run writes for all images would replace an input
+    (one of the user's own tables in the input folder), which atomic_write refuses at the end."""
+    for name in names:
+        if is_protected(out / name):
+            raise InputWouldBeReplaced(f"{out / name}: refusing to overwrite an input file",
+                                       "choose another output folder, or move that file out of the input one")
+
+
+def run_files(cfg: DictConfig) -> list[str]:
+    """The files a run writes besides each image's (``shape_anomaly_model.pt`` where it has the cells)."""
+    names = list(ALWAYS_WRITTEN)
+    if cfg.get("measure"):
+        names += [f"measurements{table_suffix(cfg)}", f"summary{table_suffix(cfg)}"]
+        names += ["shape_anomaly_model.pt"] if cfg.get("anomaly") else []
+    return names
+
+
+def table_suffix(cfg: DictConfig) -> str:
+    return ".parquet" if cfg.get("table_format") == "parquet" else ".csv"
+
+
+def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int]], cfg: DictConfig) -> tuple:
     """``measurements.csv`` (or .parquet with ``table_format=parquet``): one row per cell, with
     ``anomaly_score`` / ``is_anomalous`` from a shape autoencoder fitted on this run's cells when
-    ``anomaly=true``; ``summary.csv``: count, mean area and density per image (zero-cell images included)."""
+    ``anomaly=true``; ``summary.csv``: count, mean area and density per image (zero-cell images included).
+    Returns (the table, the names of the files written)."""
     import pandas as pd
 
     from .inference import fit_anomaly_model, score_anomalies, summarize, write_table
@@ -72,10 +238,10 @@ def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int
         model.save(out / "shape_anomaly_model.pt")
     elif cfg.get("anomaly"):
         say(f"anomaly=true needs at least {MIN_CELLS_FOR_ANOMALY} cells to learn typical shapes; found {len(table)}")
-    suffix = ".parquet" if cfg.get("table_format") == "parquet" else ".csv"
-    write_table(table, out / f"measurements{suffix}")
-    write_table(summarize(table, image_shapes=shapes, pixel_size=cfg.get("pixel_size")), out / f"summary{suffix}")
-    return table
+    written = [f"measurements{table_suffix(cfg)}", f"summary{table_suffix(cfg)}"]
+    write_table(table, out / written[0])
+    write_table(summarize(table, image_shapes=shapes, pixel_size=cfg.get("pixel_size")), out / written[1])
+    return table, written + (["shape_anomaly_model.pt"] if "anomaly_score" in table else [])
 
 
 def flag_anomalies_in_exports(out: Path, images: list[dict], table, formats: set[str]) -> None:
@@ -100,6 +266,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    images, others, ignored = gather_inputs(Path(cfg.input), out)  # an earlier run's outputs left out
+    protect_inputs([*images, *others])  # no output may replace an input (same folder, symlinks)
+    check_run_files_free(out, run_files(cfg))  # before the model loads, not after every image
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
     # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api);
     # without ckpt_path a shipped model, by default the one that suits each image (model=auto)
@@ -111,11 +280,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         segmenter = Segmenter.from_pretrained(str(cfg.get("model") or "auto"), **options)
     check_diameter(cfg.get("diameter"), segmenter.object_diameter, str(ckpt_path))
-    images, others = input_files(cfg.input)  # a lone file is tried whatever its suffix
-    protect_inputs([*images, *others])  # no output may replace an input (same folder, symlinks)
 
     summary: dict[str, Any] = {"checkpoint": str(cfg.get("ckpt_path") or ckpt_path), "model": segmenter.name,
-                               "images": [], "skipped": []}
+                               "images": [], "skipped": [], **ignored, "outputs": list(ALWAYS_WRITTEN)}
     results, tables, stems, shapes = [], [], set(), {}
     for path in images:
         try:
@@ -150,21 +317,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if table is not None:
             tables.append(table)
         formats = ("tiff", *cfg.get("exports", ()), *(("overlay",) if cfg.get("overlays", True) else ()))
-        write_exports(out, stem, labels, image_raw=raw, scores=scores, formats=formats, measurements=table)
+        # the files written are recorded, so that a rerun into the input folder leaves them out
+        written = write_exports(out, stem, labels, image_raw=raw, scores=scores, formats=formats,
+                                measurements=table)
         shapes[path.name] = labels.shape
         n = len(objects)
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
-                                  "width": int(labels.shape[1]), "n_objects": n, **scaling})
+                                  "width": int(labels.shape[1]), "n_objects": n, **scaling,
+                                  "outputs": sorted(p.name for p in written.values())})
         say(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
     if not cfg.get("ckpt_path"):  # the shipped model(s) that predicted, not just the default one
         used = sorted({entry["checkpoint"] for entry in summary["images"]})
         summary["checkpoint"] = ", ".join(used) or summary["checkpoint"]
     write_coco_results(out / "coco_results.json", results)
     if cfg.get("measure"):
-        table = write_measurements(out, tables, shapes, cfg)
+        table, tables_written = write_measurements(out, tables, shapes, cfg)
+        summary["outputs"] += tables_written
         if "is_anomalous" in table and {"geojson", "imagej"} & set(cfg.get("exports") or ()):
             flag_anomalies_in_exports(out, summary["images"], table, {"geojson", "imagej"} & set(cfg.exports))
-    summary["ignored"] = [str(p) for p in others]
     atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if summary["skipped"]:
         say(f"{len(summary['skipped'])} file(s) could not be read and were skipped:")

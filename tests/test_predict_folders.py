@@ -1,0 +1,195 @@
+"""predict.py over a folder: predicting into the input folder again takes none of the earlier run's
+outputs for images, and what a folder holds besides images (other files, subfolders) is reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellrcnn.config import compose_config
+from cellrcnn.errors import UsageError
+from cellrcnn.io import read_label_image
+from cellrcnn.predict import output_pairs
+from cellrcnn.predict import run as predict_run
+
+
+def _nuclei(seed: int, size: int = 64) -> np.ndarray:
+    """A dark field with a few bright disks, 8-bit."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((size, size), 20.0)
+    for cy, cx in rng.integers(12, size - 12, (3, 2)):
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 40] = 200
+    return (image + rng.normal(0, 3, image.shape)).clip(0, 255).astype(np.uint8)
+
+
+def _predict(tmp_path: Path, folder: Path, *overrides: str, out: Path | None = None) -> dict:
+    args = [f"input={folder}", f"output={out or folder}", "model=nuclei", "threads=1", *overrides]
+    return predict_run(compose_config("predict", args, tmp_path / "run"))
+
+
+def _record(folder: Path) -> dict:
+    return json.loads((folder / "predictions.json").read_text())
+
+
+def _counts(record: dict) -> dict[str, int]:
+    return {Path(entry["file"]).name: entry["n_objects"] for entry in record["images"]}
+
+
+def _listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_predicting_twice_into_the_input_folder_gives_the_same_result(tmp_path, capsys):
+    """The reported case: the second run took fluo.tif and fluo_overlay.png for images, and failed
+    on coco_results.json (a file of the input folder, so protected as an input)."""
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "fluo.png")
+    first = _predict(tmp_path, folder)
+    labels = read_label_image(folder / "fluo.tif")
+    capsys.readouterr()
+
+    second = _predict(tmp_path, folder)
+
+    assert _counts(_record(folder)) == _counts(first) == {"fluo.png": first["images"][0]["n_objects"]}
+    assert [entry["labels"] for entry in second["images"]] == ["fluo.tif"]
+    np.testing.assert_array_equal(read_label_image(folder / "fluo.tif"), labels)
+    assert not list(folder.glob("*_overlay_overlay.png")) and not list(folder.glob("*_pred*"))
+    assert _listing(folder) == {"fluo.png", "fluo.tif", "fluo_overlay.png", "coco_results.json",
+                                "predictions.json"}
+    out = capsys.readouterr().out
+    assert "ignored 4 files that an earlier run of predict wrote here" in out
+    assert _record(folder)["earlier_outputs"] == ["coco_results.json", "fluo.tif", "fluo_overlay.png",
+                                                  "predictions.json"]
+
+
+def test_rerun_keeps_the_users_files_as_inputs_and_writes_the_same_files(tmp_path):
+    """A TIFF input (its labels are <stem>_pred.tif), an image of the user's named like an overlay,
+    a notes file, tables and exports: a rerun writes over its own files and reads every input again."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", _nuclei(1).astype(np.uint16) * 50)
+    Image.fromarray(_nuclei(2)).save(folder / "b.png")
+    Image.fromarray(_nuclei(3)).save(folder / "b_overlay.png")  # the user's, not an overlay
+    (folder / "notes.txt").write_text("stain: DAPI\n")
+    options = ("measure=true", "exports=[geojson]")
+    first = _predict(tmp_path, folder, *options)
+    files = _listing(folder)
+
+    second = _predict(tmp_path, folder, *options)
+
+    assert _counts(second) == _counts(first) and set(_counts(second)) == {"a.tif", "b.png", "b_overlay.png"}
+    assert [e["labels"] for e in second["images"]] == [e["labels"] for e in first["images"]]
+    assert _listing(folder) == files  # nothing piles up
+    assert (folder / "notes.txt").read_text() == "stain: DAPI\n"
+    assert {"measurements.csv", "summary.csv"} <= set(second["outputs"])
+    assert str(folder / "notes.txt") in second["ignored"] and "notes.txt" not in second["earlier_outputs"]
+
+
+def test_a_folder_left_by_the_earlier_version_is_read_right(tmp_path, capsys):
+    """A predictions.json without the ``outputs`` keys, and the label image / overlay pairs the
+    failed second runs of the earlier version left (fluo_pred.tif, fluo_overlay.tif, ...)."""
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "fluo.png")
+    first = _predict(tmp_path, folder)
+    record = _record(folder)
+    for key in ("outputs", "earlier_outputs"):
+        record.pop(key)
+    for entry in record["images"]:
+        entry.pop("outputs")
+    (folder / "predictions.json").write_text(json.dumps(record))
+    for stem in ("fluo_pred", "fluo_pred2", "fluo_overlay"):
+        (folder / f"{stem}.tif").write_bytes((folder / "fluo.tif").read_bytes())
+        (folder / f"{stem}_overlay.png").write_bytes((folder / "fluo_overlay.png").read_bytes())
+    capsys.readouterr()
+
+    second = _predict(tmp_path, folder)
+
+    assert _counts(second) == _counts(first)
+    out = capsys.readouterr().out
+    assert "ignored 4 files that an earlier run of predict wrote here" in out
+    assert "ignored 6 files that look like an earlier run's outputs" in out
+    assert not list(folder.glob("*_overlay_overlay_overlay.png")) and not list(folder.glob("*_pred3*"))
+
+
+def test_without_a_record_only_pairs_made_from_an_image_are_left_out(tmp_path, capsys):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "fluo.png")
+    _predict(tmp_path, folder)
+    (folder / "predictions.json").unlink()
+    (folder / "coco_results.json").unlink()
+    capsys.readouterr()
+
+    second = _predict(tmp_path, folder)
+
+    assert list(_counts(second)) == ["fluo.png"]
+    assert "ignored 2 files that look like an earlier run's outputs" in capsys.readouterr().out
+    assert second["earlier_outputs"] == ["fluo.tif", "fluo_overlay.png"]
+
+
+def test_output_pairs_need_both_files_and_a_source_image():
+    def pairs(*names: str) -> set[str]:
+        return output_pairs([Path("f") / name for name in names])
+
+    assert pairs("x.png", "x.tif", "x_overlay.png") == {"x.tif", "x_overlay.png"}
+    assert pairs("a.tif", "a_pred.tif", "a_pred_overlay.png", "a_pred2.tif", "a_pred2_overlay.png") == {
+        "a_pred.tif", "a_pred_overlay.png", "a_pred2.tif", "a_pred2_overlay.png"}
+    assert pairs("c.png", "c.jpg", "c_jpg.tif", "c_jpg_overlay.png") == {"c_jpg.tif", "c_jpg_overlay.png"}
+    assert pairs("b.png", "b_overlay.png") == set()  # the user's image named like an overlay
+    assert pairs("y.tif", "y_overlay.png") == set()  # no image they were made from
+    assert pairs("z.png", "z.tif") == set()  # a label image without its overlay may be an image
+
+
+def test_a_run_over_nothing_but_earlier_outputs_fails(tmp_path):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "fluo.png")
+    _predict(tmp_path, folder)
+    (folder / "fluo.png").unlink()
+    before = _record(folder)
+    with pytest.raises(UsageError, match="no images to segment"):
+        _predict(tmp_path, folder)
+    assert _record(folder) == before  # the record of the earlier run is kept
+
+
+def test_a_users_own_predictions_json_stops_the_run_before_any_image(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "a.png")
+    (folder / "predictions.json").write_text('{"my": "notes"}')
+    with pytest.raises(FileExistsError, match="predictions.json: refusing to overwrite an input") as error:
+        _predict(tmp_path, folder)
+    assert isinstance(error.value, UsageError)  # the command prints it without a traceback, exit 2
+    assert _listing(folder) == {"a.png", "predictions.json"}
+    assert (folder / "predictions.json").read_text() == '{"my": "notes"}'
+
+
+def test_files_and_subfolders_a_folder_input_ignores_are_reported(tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "img.png")
+    Image.fromarray(_nuclei(1)).save(folder / "sub" / "deeper.png")
+    (folder / "a.czi").write_bytes(b"ZISRAWFILE")
+    (folder / "notes.txt").write_text("x")
+    (folder / ".DS_Store").write_bytes(b"")
+
+    summary = _predict(tmp_path, folder, out=folder / "results")  # the output folder inside the input
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("ignored")] == [
+        "ignored 2 files that are not an image of a supported format (.png, .tif, .tiff, .jpg, .jpeg, .bmp): "
+        "a.czi, notes.txt",
+        "ignored 1 subfolder: sub/ (subfolders are not searched; give one as input= to segment it)",
+    ]
+    assert summary["ignored"] == [str(folder / "a.czi"), str(folder / "notes.txt"), str(folder / "sub") + "/"]
+    assert _record(folder / "results")["ignored"] == summary["ignored"]
+    assert list(_counts(summary)) == ["img.png"]
