@@ -15,7 +15,9 @@ not pay for Lightning and the training stack before reading the first image.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import re
 import runpy
 import sys
 
@@ -24,6 +26,67 @@ from omegaconf import DictConfig
 
 # configs live in the package (cellrcnn/conf); --config-dir adds a user's own folder
 _HYDRA = {"version_base": "1.3", "config_path": "conf"}
+PATH_KEYS = ("input", "output", "ckpt_path", "init_weights", "data.root")  # overrides whose value is a path
+
+
+def literal_paths(argv: list[str]) -> list[str]:
+    """``argv`` with the value of each path override (``PATH_KEYS``) single-quoted where Hydra would
+    not read it as the name typed, so file and folder names are passed as they are.
+
+    Hydra's override grammar rejects commas with spaces, brackets, braces, ``=``, quotes and any
+    non-ASCII letter in an unquoted value (``input=ядро.png``: ``LexerNoViableAltException``), reads
+    ``a,b`` as a sweep and ``2024.10`` as the number 2024.1. ``${...}`` interpolations are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    multirun = "-m" in argv or "--multirun" in argv
+    rewritten = []
+    for arg in argv:
+        key, equals, value = arg.partition("=")
+        is_path = equals and key.lstrip("+") in PATH_KEYS and "${" not in value
+        if is_path and not read_as_typed(parser, arg, multirun):
+            arg = f"{key}={hydra_quoted(value)}"
+        rewritten.append(arg)
+    return rewritten
+
+
+def read_as_typed(parser, override: str, multirun: bool) -> bool:
+    """Hydra reads the override's value as the text typed, or as the user meant it: ``null``, a value
+    quoted or escaped by hand (``'a b'``, ``a\\,b``), a sweep under ``--multirun`` (a comma means one
+    there). A backslash may be such an escape, so Hydra's reading wins (``\\\\server`` stays ``\\server``)."""
+    from hydra.errors import HydraException
+
+    value = override.partition("=")[2]
+    try:
+        parsed = parser.parse_override(override)
+    except HydraException:
+        return False
+    if parsed.is_sweep_override():
+        return multirun
+    read = parsed.value()
+    hand_made = value.startswith(("'", '"')) or "\\" in value
+    return read is None or (isinstance(read, str) and (read == value or hand_made))
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` in single quotes as Hydra's grammar reads it back: inside quotes a backslash is
+    itself, except a run of them before a quote (an escaped one or the closing one), which is halved."""
+    escaped = re.sub(r"(\\*)'", lambda run: run.group(1) * 2 + "\\'", value)
+    trailing = len(escaped) - len(escaped.rstrip("\\"))
+    return "'" + escaped + "\\" * trailing + "'"
+
+
+def with_literal_paths(entry):
+    """A Hydra entry point that reads ``sys.argv`` after ``literal_paths``; sys.argv itself is
+    rewritten, so the command Lightning's DDP launcher starts the other ranks with has it too."""
+
+    @functools.wraps(entry)
+    def run(*args, **kwargs):
+        sys.argv[1:] = literal_paths(sys.argv[1:])
+        return entry(*args, **kwargs)
+
+    return run
 
 
 def yielding_threads() -> None:
@@ -98,6 +161,7 @@ def one_console_for_lightning() -> None:
         logger.propagate = True
 
 
+@with_literal_paths
 @hydra.main(config_name="train", **_HYDRA)
 def train(cfg: DictConfig) -> float:
     """Returns the monitored validation metric (``optimized_metric``), the value sweepers optimise."""
@@ -109,6 +173,7 @@ def train(cfg: DictConfig) -> float:
     return float(metrics.get(cfg.get("optimized_metric") or "val/dsb_score", math.nan))
 
 
+@with_literal_paths
 @hydra.main(config_name="evaluate", **_HYDRA)
 def _evaluate(cfg: DictConfig) -> float:
     """Returns the dsb_score of the evaluated split."""
@@ -132,6 +197,7 @@ def evaluate() -> None:
     _evaluate()
 
 
+@with_literal_paths
 @hydra.main(config_name="predict", version_base="1.3", config_path="conf_predict")
 def predict(cfg: DictConfig) -> int:
     """Returns the number of images segmented."""

@@ -274,6 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # without ckpt_path a shipped model, by default the one that suits each image (model=auto)
     options = {"tile_size": cfg.get("tile_size"), "tile_overlap": int(cfg.tile_overlap),
                "score_threshold": cfg.get("score_threshold"), "tta": cfg.get("tta"),
+               "polarity": str(cfg.get("polarity") or "auto"),
                "precision": str(cfg.get("precision") or "auto")}
     if cfg.get("ckpt_path"):
         segmenter = Segmenter.from_checkpoint(ckpt_path, **options)
@@ -325,7 +326,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["images"].append({"id": image_id, "file": str(path), "labels": f"{stem}.tif", "height": int(labels.shape[0]),
                                   "width": int(labels.shape[1]), "n_objects": n, **scaling,
                                   "outputs": sorted(p.name for p in written.values())})
-        say(f"{path.name}: {n} objects -> {out / (stem + '.tif')}")
+        # a field filled by bright nuclei can pass for brightfield: say so where the user looks
+        seen = (" (read as dark objects on a bright background; polarity=bright if they are bright)"
+                if scaling.get("seen_as") == "inverted" and options["polarity"] == "auto" else "")
+        say(f"{path.name}: {n} objects{seen} -> {out / (stem + '.tif')}")
     if not cfg.get("ckpt_path"):  # the shipped model(s) that predicted, not just the default one
         used = sorted({entry["checkpoint"] for entry in summary["images"]})
         summary["checkpoint"] = ", ".join(used) or summary["checkpoint"]

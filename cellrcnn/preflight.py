@@ -9,13 +9,15 @@ once, in the launching process, instead of in every rank.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from .config_types import check_types
 from .errors import UsageError
-from .io import IMAGE_SUFFIXES, ImageReadError, read_image
+from .io import IMAGE_SUFFIXES, POLARITIES, ImageReadError, read_image
 
 KNOWN_EXPORTS = ("geojson", "imagej")  # besides the label TIFF and overlay written always / by `overlays`
 
@@ -41,9 +43,7 @@ def check_predict(cfg: DictConfig) -> None:
             raise UsageError(
                 f"input={source}: not an image file ({exc})", f"pass a {', '.join(IMAGE_SUFFIXES)} file or a folder"
             ) from None
-    output = Path(str(cfg.output))
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output={output} is a file", "output names a folder (created if absent)")
+    check_output_folder(Path(str(cfg.output)))
     if cfg.get("ckpt_path") and not Path(str(cfg.ckpt_path)).is_file():
         raise UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint",
                          "train.py writes them to outputs/<name>/<time>/checkpoints/; omit ckpt_path for the shipped model")
@@ -65,6 +65,26 @@ def check_predict(cfg: DictConfig) -> None:
     if cfg.get("table_format") == "parquet" and cfg.get("measure"):
         _require("pyarrow", "table_format=parquet", "parquet")
     check_diameter_value(cfg.get("diameter"))
+    if str(cfg.get("polarity") or "auto") not in POLARITIES:
+        raise UsageError(f"polarity={cfg.polarity}", "use polarity=auto (read from each image), bright (the objects "
+                         "are brighter than the background: fluorescence) or dark (darker: brightfield)")
+
+
+def check_output_folder(output: Path) -> None:
+    """Results can be written to ``output``: it, or the nearest existing folder above it (where it
+    will be created), is a folder a file can really be made in. ``os.access`` would say yes to root
+    on a read-only file system, and otherwise the first write fails after an image was predicted."""
+    # os.path.exists: a folder the user may not look into counts as absent, and is found unwritable above
+    existing = next(path for path in (output, *output.parents) if os.path.exists(path))
+    if not existing.is_dir():
+        message = f"output={output}" + (" is a file" if existing == output else f": {existing} is a file")
+        raise UsageError(message, "output names a folder (created if absent)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".cellrcnn-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output={output}: cannot write in {existing} ({exc.strerror or exc})",
+                         "choose an output folder you can write to") from None
 
 
 def check_evaluate(cfg: DictConfig) -> None:

@@ -76,6 +76,8 @@ def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
         ("input=ok.png", "output=o", "exports=[svg]"): "unknown format",
         ("input=ok.png", "output=o", "model=nuclei_xl"): "no such shipped model",
         ("input=ok.png", "output=o", "precision=half"): "auto, float32 or bfloat16",
+        ("input=ok.png", "output=o", "polarity=white"): "use polarity=auto",
+        ("input=ok.png", "output=notes.txt/o"): "notes.txt is a file",  # not an error after predicting
     }
     for args, message in cases.items():
         proc = cellrcnn("predict", *args, "hydra.run.dir=run", cwd=tmp_path)
@@ -85,7 +87,69 @@ def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
         assert not (tmp_path / "run").exists()  # nor is Hydra's record of a run that did nothing kept
     proc = cellrcnn("predict", "input=missing", "output=o", cwd=tmp_path)  # Hydra's default run folder
     assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
-    assert (tmp_path / "keep.log").exists()
+    assert (tmp_path / "keep.log").exists() and (tmp_path / "notes.txt").read_text() == "not an image"
+
+
+def test_predict_refuses_an_output_folder_it_cannot_write_to(tmp_path, monkeypatch):
+    """Tried by creating a file there, as os.access lets root write on a read-only file system; the
+    read-only folder is simulated (root may write to any folder mode bits would close)."""
+    import errno
+    import tempfile
+
+    from cellrcnn.config import compose_config
+    from cellrcnn.errors import UsageError
+    from cellrcnn.preflight import check_predict
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "ro").mkdir()
+    tried = []
+
+    def read_only(*args, dir=None, **kwargs):
+        tried.append(Path(dir))
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".cellrcnn-write-test-x"))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    for output in (tmp_path / "ro", tmp_path / "ro" / "new" / "o"):  # the folder, or the nearest one above
+        overrides = [f"input={tmp_path / 'ok.png'}", f"output={output}", "model=nuclei"]
+        cfg = compose_config("predict", overrides, tmp_path)
+        with pytest.raises(UsageError, match="Read-only file system") as raised:
+            check_predict(cfg)
+        assert f"cannot write in {tmp_path / 'ro'} " in str(raised.value), raised.value
+        assert "output folder you can write to" in raised.value.hint and tried[-1] == tmp_path / "ro"
+    assert not (tmp_path / "ro" / "new").exists()
+
+
+@pytest.mark.parametrize("name", ["DAPI, 40x (2).png", "it's [1].png", "ядро=核.png"])
+def test_predict_takes_file_names_as_typed(name, tmp_path):
+    """Commas, brackets, quotes, ``=`` and non-ASCII letters, which Hydra's override grammar rejects
+    unquoted, in the input's and the output's names."""
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / name)
+    proc = cellrcnn("predict", f"input={name}", "output=résultats 核", "model=nuclei", "hydra.run.dir=run",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    images = json.loads((tmp_path / "résultats 核" / "predictions.json").read_text())["images"]
+    assert name in json.dumps(images, ensure_ascii=False)
+
+
+def test_literal_paths_quotes_what_hydra_would_misread():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cellrcnn.cli import literal_paths
+
+    untouched = ["input=images/", "output=out/run_1", "input=/data/a b.png", "input='ядро 核.png'",
+                 'output="x, y"', "input=a\\,b", "ckpt_path=null", "output=${hydra:runtime.output_dir}/pred",
+                 "output=${x}/ядро", "exports=[geojson,imagej]", "diameter=30", "model=nuclei",
+                 "hydra.run.dir=résultats", "--help"]
+    assert literal_paths(untouched) == untouched
+    assert literal_paths(["-m", "data.root=a,b"]) == ["-m", "data.root=a,b"]  # a sweep under --multirun
+    parser = OverridesParser.create()
+    names = ["DAPI, 40x (2).png", "it's [1].png", "ядро=核.png", "resü", "x{1}.png", "a=b.png", "2024.10",
+             "a,b", "q\\'x", "ядро\\", "it's\\", "C:\\data\\ядро.png", "\\'", "'", 'say "hi".png']
+    for key in ("input", "output", "ckpt_path", "init_weights", "data.root", "+init_weights"):
+        for name in names:  # each read back by Hydra as the name typed
+            (rewritten,) = literal_paths([f"{key}={name}"])
+            assert rewritten.startswith(f"{key}='"), rewritten
+            assert parser.parse_override(rewritten).value() == name, rewritten
 
 
 @pytest.mark.slow
