@@ -214,7 +214,8 @@ class Segmenter:
 
         return resolve_diameter("default", getattr(self.module, "default_diameter", None))
 
-    def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False,
+                        settings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
         test-time flips off), for the measuring pass of ``diameter=shrink`` and ``auto``."""
         from cellrcnn.inference.predictor import prediction_fn
@@ -226,7 +227,7 @@ class Segmenter:
         one_piece = max(np.shape(raw)[:2]) <= self.whole_image_up_to
         tile_size = max(self.whole_image_up_to, self.tile_size) if one_piece else self.tile_size
         return predict_image(raw, predict_fn, tile_size=tile_size, overlap=self.tile_overlap,
-                             progress=progress, **self.settings)
+                             progress=progress, **(settings or self.settings))
 
     @staticmethod
     def read(image: np.ndarray | str | Path, channel: int | None = None, plane: int | None = None) -> np.ndarray:
@@ -248,7 +249,7 @@ class Segmenter:
 
     def segment(self, image: np.ndarray | str | Path, diameter: float | str | None = "default",
                 channel: int | None = None, pixel_size: float | None = None, name: str | None = None,
-                progress: bool = False, plane: int | None = None) -> Result:
+                progress: bool = False, plane: int | None = None, polarity: str | None = None) -> Result:
         """Segment one image.
 
         Args:
@@ -262,27 +263,29 @@ class Segmenter:
             name: the ``image`` column of the table (default: the file name).
             progress: a progress bar over tiles for large images.
             plane: the z-plane of a multi-page TIFF (or of a stacked array) to segment.
+            polarity: for this image, instead of the segmenter's (``auto``, ``bright``, ``dark``).
         """
         from cellrcnn.data.sizes import median_diameter
         from cellrcnn.inference.choice import MIN_OBJECTS_FOR_SIZE
         from cellrcnn.inference.scale import check_diameter, predict_at_diameter, resolve_diameter
-        from cellrcnn.io import input_polarity, label_dtype
+        from cellrcnn.io import check_polarity, input_polarity, label_dtype
 
         if isinstance(image, str | Path):
             name = Path(image).name if name is None else name
         raw = self.read(image, channel, plane)
         diameter = resolve_diameter(diameter, getattr(self.module, "default_diameter", None))
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
-        labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress), diameter,
-                                                   self.object_diameter, lambda x: self._predict_native(x, False, True),
+        settings = self.settings if polarity is None else {**self.settings, "polarity": check_polarity(polarity)}
+        labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress, settings=settings),
+                                                   diameter, self.object_diameter,
+                                                   lambda x: self._predict_native(x, False, True, settings),
                                                    getattr(self.module, "training_profile", None))
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
         found = median_diameter(labels, MIN_OBJECTS_FOR_SIZE)
         info = {**info, "median_diameter": None if found is None else round(found, 2), "diameter": diameter,
                 "model": self.name, "checkpoint": str(self.checkpoint or self.name),
-                "seen_as": input_polarity(raw, self.settings["invert_bright"], self.settings["hematoxylin"],
-                                          self.settings["polarity"]),
+                "seen_as": input_polarity(raw, settings["invert_bright"], settings["hematoxylin"], settings["polarity"]),
                 "warnings": self.warnings(raw, labels, info.get("factor", 1.0), found)}
         return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
                       pixel_size=pixel_size, info=info)
@@ -368,7 +371,7 @@ class AutoSegmenter:
         if isinstance(image, str | Path):
             kwargs.setdefault("name", Path(image).name)
         raw = Segmenter.read(image, channel, kwargs.pop("plane", None))
-        name, reason = choose_model(raw, self.models, self.kwargs.get("polarity", "auto"))
+        name, reason = choose_model(raw, self.models, kwargs.get("polarity") or self.kwargs.get("polarity", "auto"))
         result = self.segmenter(name).segment(raw, **kwargs)
         result.info["model_choice"] = reason
         return result

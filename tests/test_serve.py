@@ -114,6 +114,11 @@ def test_segment_json(app):
     assert set(body["downloads"]) == set(FORMATS) and isinstance(body["warnings"], list)
     overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["overlay_png_base64"])))
     assert overlay.size == (128, 128) and overlay.mode == "RGB"
+    assert body["seen_as"] == "as is"
+    # the user's polarity reaches the model: bright disks said to be dark are inverted, and missed
+    dark = post(app, disks_png(3), filename="dark.png", polarity="dark").json()
+    assert dark["seen_as"] == "inverted" and dark["n_objects"] != 3
+    assert post(app, disks_png(3), polarity="bright").json()["seen_as"] == "as is"
 
 
 def test_every_format_is_a_file_of_the_same_segmentation(app):
@@ -144,6 +149,7 @@ def test_bad_inputs_get_4xx_saying_what_is_wrong(app):
         (post(app, disks_png(1), fmt="jpeg"), 422, "unknown format 'jpeg'; choose from tiff, png"),
         (post(app, disks_png(1), diameter="-3"), 422, "diameter must be a positive number or auto or shrink or default or native"),
         (post(app, disks_png(1), pixel_size="nan"), 422, "pixel_size must be a positive number"),
+        (post(app, disks_png(1), polarity="up"), 422, "polarity must be one of auto, bright, dark"),
         (post(app, b""), 422, "empty file"),
     ]
     no_file, not_multipart, declared_too_large = request(

@@ -79,6 +79,16 @@ def _parse_diameter(fields: dict[str, str]) -> float | str | None:
     return DEFAULT if value is None else value  # the segmenter resolves default and native
 
 
+def _parse_polarity(fields: dict[str, str]) -> str | None:
+    """The polarity field: empty means the segmenter's own (auto)."""
+    from cellrcnn.io import POLARITIES
+
+    value = fields.get("polarity", "").strip().lower()
+    if value and value not in POLARITIES:
+        raise UploadError(422, f"polarity must be one of {', '.join(POLARITIES)}, got {value!r}")
+    return value or None
+
+
 def _parse_index(fields: dict[str, str], name: str) -> int | None:
     value = fields.get(name, "").strip()
     if value and not value.isdigit():
@@ -98,6 +108,9 @@ SEGMENT_FORM = {
                 "diameter": {"type": "string", "description": "typical object diameter in pixels, auto, native, "
                                                               "shrink, or default (empty: the model's "
                                                               "recommended mode, shrink or auto)"},
+                "polarity": {"type": "string", "description": "bright (nuclei brighter than the background: "
+                                                              "fluorescence), dark (brightfield) or auto (empty: "
+                                                              "read from the image)"},
                 "pixel_size": {"type": "number", "description": "µm per pixel: measurements in µm and µm²"},
                 "channel": {"type": "integer", "description": "segment this channel of a multi-channel image"},
                 "plane": {"type": "integer", "description": "segment this z-plane (page) of a multi-page TIFF"},
@@ -160,25 +173,26 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
     def models() -> dict:
         return {"default": registry.default, "models": registry.cards()}
 
-    def segment_or_reuse(data: bytes, path: Path, model_name: str, diameter, channel, plane, pixel_size, name: str):
+    def segment_or_reuse(data: bytes, path: Path, model_name: str, diameter, channel, plane, pixel_size, name: str,
+                         polarity: str | None = None):
         """The Segmenter's result for the file at ``path``, its labels reused from the cache when
         these very bytes were segmented with the same settings."""
         from cellrcnn.api import Result, Segmenter
 
         segmenter, cache = registry.get(model_name), app.state.cache
-        key = (hashlib.sha256(data).hexdigest(), model_name, str(diameter), channel, plane)
+        key = (hashlib.sha256(data).hexdigest(), model_name, str(diameter), channel, plane, polarity)
         hit = cache.get(key)
         if hit is not None:
             labels, scores, info = hit
             return Result(labels, scores, Segmenter.read(path, channel, plane), name=name, pixel_size=pixel_size,
                           info=info)
         result = segmenter.segment(path, diameter=diameter, channel=channel, plane=plane, pixel_size=pixel_size,
-                                   name=name)
+                                   name=name, polarity=polarity)
         cache.put(key, result.labels, result.scores, result.info)
         return result
 
     def segment_job(upload: Upload, suffix: str, model_name: str, fmt: str | None, diameter, pixel_size,
-                    channel: int | None, plane: int | None, include_overlay: bool):
+                    channel: int | None, plane: int | None, include_overlay: bool, polarity: str | None = None):
         """Runs in a worker thread: decode, segment, answer; the temporary folder dies with it."""
         from cellrcnn.io import ImageReadError
 
@@ -193,7 +207,7 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
                                        f"{settings.max_megapixels:g} megapixels")
             try:
                 result = segment_or_reuse(upload.data, path, model_name, diameter, channel, plane, pixel_size,
-                                          client_name)
+                                          client_name, polarity)
             except ImageReadError as exc:  # the message names our temporary file: name the client's
                 raise UploadError(422, str(exc).replace(str(path), client_name)) from exc
             except ValueError as exc:  # a diameter the model cannot use, a channel out of range, ...
@@ -231,6 +245,7 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
             if model_name not in registry.names:
                 raise UploadError(422, f"unknown model {model_name!r}; available: {', '.join(registry.names)}")
             diameter = _parse_diameter(fields)
+            polarity = _parse_polarity(fields)
             pixel_size = _parse_number(fields, "pixel_size")
             channel, plane = (_parse_index(fields, key) for key in ("channel", "plane"))
             include_overlay = fields.get("include_overlay", "").lower() in ("1", "true", "yes")
@@ -239,7 +254,7 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
                 raise UploadError(415, f"{safe_name(upload.filename)}: not an image (PNG, TIFF, JPEG or BMP expected)")
             try:
                 answer = await pool.execute(segment_job, upload, suffix, model_name, format, diameter, pixel_size,
-                                            channel, plane, include_overlay)
+                                            channel, plane, include_overlay, polarity)
             except UploadError:
                 raise
             except Exception:  # one image's failure must not take the server down; the log has the trace

@@ -50,6 +50,7 @@ def result_json(result, model: str, downloads_for: str = "/segment") -> dict:
         "image": result.name,
         "pixel_size": result.pixel_size,
         "resize_factor": result.info.get("factor", 1.0),
+        "seen_as": result.info.get("seen_as"),  # as is, inverted (dark objects on a bright background), hematoxylin
         # reasons not to trust this result (an image unlike the model's training data), when the model gives them
         "warnings": [str(w) for w in result.info.get("warnings", [])],
         "cells": cells,

@@ -36,7 +36,8 @@ async function init() {
 }
 
 function settings() {
-  return { model: $("#model").value, diameter: $("#diameter").value.trim(), pixel_size: $("#pixel_size").value.trim() };
+  return { model: $("#model").value, diameter: $("#diameter").value.trim(), polarity: $("#polarity").value,
+           pixel_size: $("#pixel_size").value.trim() };
 }
 
 function formData(file, options, extra = {}) {
