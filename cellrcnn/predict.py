@@ -14,10 +14,12 @@ is not taken for an input again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,23 @@ log = logging.getLogger(__name__)
 
 class InputWouldBeReplaced(UsageError, FileExistsError):
     """An output of the run has the name of a file of the input folder (the run's output folder)."""
+
+
+@contextlib.contextmanager
+def notes_of_this_image():
+    """The warnings cellrcnn raises while one image is read and segmented, as a list of messages
+    for the report and predictions.json (instead of Python's warning lines, which quote the
+    source); other libraries' warnings go on as usual. Prediction runs one image at a time here."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield notes
+    package = str(Path(__file__).parent)
+    for w in caught:
+        if str(w.filename).startswith(package) and issubclass(w.category, UserWarning):
+            notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def say(message: str) -> None:
@@ -287,15 +306,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results, tables, stems, shapes = [], [], set(), {}
     for path in images:
         try:
-            raw = read_image(path, channel=cfg.get("channel"), plane=cfg.get("plane"))
+            with notes_of_this_image() as notes:
+                raw = read_image(path, channel=cfg.get("channel"), plane=cfg.get("plane"))
+                result = segmenter.segment(raw, diameter=cfg.get("diameter"), name=path.name, progress=True)
         except ImageReadError as exc:
             if Path(cfg.input).is_file():
                 raise  # a single input: the error (naming the file) is the answer
             summary["skipped"].append({"file": str(path), "error": str(exc)})
             say(f"skipped {exc}")
             continue
-        result = segmenter.segment(raw, diameter=cfg.get("diameter"), name=path.name, progress=True)
-        labels, scores, scaling = result.labels, result.scores, result.info
+        labels, scores, scaling = result.labels, result.scores, {**result.info, "notes": notes}
+        for note in notes:  # replaced NaN pixels, a resize limited, ...: said once, kept with the image
+            say(f"{path.name}: {note}")
         for reason in scaling.get("warnings", []):  # the count of such an image needs a look
             say(f"{path.name}: do not trust this result blindly: {reason}")
         if scaling["factor"] != 1.0:

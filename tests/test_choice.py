@@ -42,7 +42,11 @@ def test_ood_flags_unseen_modality_sizes_and_missing_signal():
     assert "H&E images are (almost) absent" in " ".join(ood_reasons(_he(), profile, 20.0))
     big = ood_reasons(_fluorescence(), profile, 150.0)
     assert len(big) == 1 and "diameter=" in big[0]
-    assert ood_reasons(_fluorescence(), profile, 150.0, factor=0.2) == []  # resized to the training size
+    field = np.tile(_fluorescence(), (4, 4))  # 256², still 51 px wide at 0.2×
+    assert ood_reasons(field, profile, 150.0, factor=0.2) == []  # resized to the training size
+    # an image narrower than a nucleus of the training size (as the model sees it) cannot hold one
+    assert "only 64×64 px" in " ".join(ood_reasons(_fluorescence(), profile, 150.0, factor=0.2))
+    assert "only 8×8 px" in ood_reasons(_fluorescence()[:8, :8], None, None)[-1]
     assert ood_reasons(_fluorescence(), profile, 5.0 / 1.6) != []
     flat = _fluorescence(value=101)
     assert signal_range(flat) < 0.01 and "no signal" in ood_reasons(flat, None, None)[0]

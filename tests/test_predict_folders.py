@@ -193,3 +193,22 @@ def test_files_and_subfolders_a_folder_input_ignores_are_reported(tmp_path, caps
     assert summary["ignored"] == [str(folder / "a.czi"), str(folder / "notes.txt"), str(folder / "sub") + "/"]
     assert _record(folder / "results")["ignored"] == summary["ignored"]
     assert list(_counts(summary)) == ["img.png"]
+
+
+def test_notes_and_warnings_of_odd_images_reach_the_report(tmp_path, capsys):
+    """Replaced NaN pixels and a resize beyond the limits are said once per image and kept in
+    predictions.json (``notes``), not printed as Python warning lines; an image too small to hold a
+    nucleus of the training size is flagged."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with_nan = _nuclei(1).astype(np.float32)
+    with_nan[:4, :4] = np.nan
+    tifffile.imwrite(folder / "nan.tif", with_nan)
+    Image.fromarray(_nuclei(2)[:8, :8]).save(folder / "tiny.png")
+    record = _predict(tmp_path, folder, "diameter=5000", out=tmp_path / "out")
+    by_name = {Path(entry["file"]).name: entry for entry in record["images"]}
+    assert any("16 non-finite pixel(s) replaced" in note for note in by_name["nan.tif"]["notes"])
+    assert all(any("limited to 0.25×" in note for note in entry["notes"]) for entry in by_name.values())
+    assert any("only 8×8 px" in w for w in by_name["tiny.png"]["warnings"])
+    printed = capsys.readouterr()
+    assert "nan.tif: " in printed.out and "non-finite" in printed.out and "warnings.warn" not in printed.err

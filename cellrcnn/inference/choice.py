@@ -31,6 +31,8 @@ SIZE_MARGIN = 1.5
 MIN_OBJECTS_FOR_SIZE = 5
 # a percentile spread (99.8th - 1st) below this share of the dtype range is "almost no signal"
 MIN_SIGNAL = 0.01
+# an image narrower than this (px, as the model sees it) holds no whole nucleus, without a training profile
+MIN_SIDE = 16
 
 
 def choose_model(raw: np.ndarray, available: Iterable[str], polarity: str = "auto") -> tuple[str, str]:
@@ -99,6 +101,11 @@ def ood_reasons(
     reasons = []
     if signal_range(raw) < MIN_SIGNAL:
         reasons.append("almost no signal (the brightest pixels are barely above the darkest)")
+    h, w = np.shape(raw)[:2]
+    smallest = ((profile or {}).get("object_diameter_px") or {}).get("p50") or MIN_SIDE
+    if min(h, w) * factor < smallest:  # no whole nucleus of the size the model knows fits in it
+        reasons.append(f"the image is only {w}×{h} px, too narrow for a whole nucleus of the size the model "
+                       f"knows ({smallest:.0f} px): crop less tightly, or set diameter=<their diameter in px>")
     if not profile:
         return reasons
     counts = profile.get("modalities") or {}

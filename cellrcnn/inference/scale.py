@@ -255,6 +255,10 @@ def predict_at_diameter(
             return labels, scores, {"factor": 1.0, **info}
     else:
         factor = scale_factor(float(diameter), model_diameter)
+        if not math.isclose(factor, model_diameter / float(diameter)):
+            warnings.warn(f"diameter={float(diameter):g} px asks for a {model_diameter / float(diameter):.3g}× resize; "
+                          f"limited to {factor:g}× (resizes stay within {FACTOR_LIMITS[0]:g}-{FACTOR_LIMITS[1]:g}×)",
+                          stacklevel=2)
     h, w = np.asarray(raw).shape[:2]
     if factor > 1 and h * w * factor**2 > MAX_RESIZED_PIXELS:
         factor = max(1.0, math.sqrt(MAX_RESIZED_PIXELS / (h * w)))
