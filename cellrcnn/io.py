@@ -227,6 +227,8 @@ def read_image(path: str | Path, channel: int | None = None, plane: int | None =
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:  # an interrupted copy or download: say so, not "cannot identify"
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
     kind = "grey"
     try:
         if path.suffix.lower() in (".tif", ".tiff"):

@@ -283,3 +283,9 @@ def test_rgb_tiff_with_a_varying_untagged_fourth_sample_offers_all_channels(tmp_
     rgbx[..., 3] = 255
     tifffile.imwrite(tmp_path / "a.tif", rgbx, photometric="rgb", extrasamples=["unspecified"])
     np.testing.assert_array_equal(read_image(tmp_path / "a.tif"), rgbx[..., :3])
+
+
+def test_an_empty_file_is_called_empty(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"a.png: empty file \(0 bytes\)"):
+        read_image(tmp_path / "a.png")
