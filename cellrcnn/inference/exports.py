@@ -23,6 +23,7 @@ import json
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -31,6 +32,9 @@ from skimage.measure import find_contours
 
 from cellrcnn.inference.tiling import estimate_percentiles
 from cellrcnn.io import as_hwc, atomic_write, is_protected, write_label_image
+
+if TYPE_CHECKING:  # pandas loads only where measurements are asked for
+    import pandas as pd
 
 __all__ = ["free_stem", "write_label_tiff", "coco_results", "write_coco_results", "object_polygons", "to_geojson",
            "write_geojson", "write_imagej_rois", "overlay_outlines", "write_overlay_png", "write_exports"]
@@ -138,7 +142,7 @@ def write_exports(
     image_raw: np.ndarray | None = None,
     scores=None,
     formats: tuple[str, ...] = ("tiff", "overlay"),
-    measurements: "pd.DataFrame | None" = None,
+    measurements: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write one image's exports into ``out_dir``: ``<stem>.tif`` (label image), ``<stem>.geojson``,
     ``<stem>_rois.zip``, ``<stem>_overlay.png`` (needs ``image_raw``); returns {format: path}."""
@@ -216,7 +220,7 @@ def _closed(ring: np.ndarray) -> list[list[float]]:
 ANOMALY_COLOR = (255, 0, 0)  # cells flagged by the shape-anomaly model, in QuPath and Fiji
 
 
-def anomalous_labels(measurements: "pd.DataFrame | None") -> set[int]:
+def anomalous_labels(measurements: pd.DataFrame | None) -> set[int]:
     """Labels of the rows flagged ``is_anomalous`` (empty without the column)."""
     if measurements is None or "is_anomalous" not in measurements:
         return set()
@@ -228,7 +232,7 @@ def to_geojson(
     object_type: str = "detection",
     classification: str | None = "Nucleus",
     color: tuple[int, int, int] = (255, 200, 0),
-    measurements: "pd.DataFrame | None" = None,
+    measurements: pd.DataFrame | None = None,
     scores=None,
 ) -> dict:
     """QuPath-compatible GeoJSON FeatureCollection, one feature per object.
@@ -273,7 +277,7 @@ def write_geojson(path: str | Path, labels: np.ndarray, **kwargs) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_imagej_rois(path: str | Path, labels: np.ndarray, measurements: "pd.DataFrame | None" = None) -> Path:
+def write_imagej_rois(path: str | Path, labels: np.ndarray, measurements: pd.DataFrame | None = None) -> Path:
     """ImageJ/Fiji ROI set (``.zip``) with one traced polygon ROI per object, named by label;
     cells flagged ``is_anomalous`` in ``measurements`` are named ``<label>-anomalous`` and drawn red."""
     import roifile

@@ -15,7 +15,6 @@ A predictor returns a label image per input (``predict_labels``), never N×H×W 
 from __future__ import annotations
 
 import functools
-
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from cellrcnn.models.checkpoint import MODULE_KEY, TRAINING_IMAGES_KEY, TRAINING_PROFILE_KEY, read_checkpoint
 from cellrcnn.models.precision import use_bf16
+
 
 class Predictor:
     """What prediction needs from a trained model (the :class:`cellrcnn.api.Segmenter` contract).
