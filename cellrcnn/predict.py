@@ -277,6 +277,14 @@ def flag_anomalies_in_exports(out: Path, images: list[dict], table, formats: set
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image of ``cfg.input`` into ``cfg.output``; returns the summary dict."""
+    try:
+        return predict_all(cfg)
+    finally:  # also after an error: the next run in this thread (a notebook, a server) guards its own
+        protect_inputs([])
+
+
+def predict_all(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`run`, while this run's inputs are protected from being written over."""
     from .api import Segmenter
     from .inference.exports import coco_results, free_stem, write_coco_results, write_exports
     from .inference.scale import check_diameter
@@ -369,7 +377,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if images and not summary["images"]:  # nothing was predicted: a failed run, not a success
         # the command line prints this without a traceback and exits non-zero
         raise ImageReadError(f"all {len(images)} input file(s) of {cfg.input} were skipped (see above)")
-    protect_inputs([])  # the inputs of this run are no longer this thread's to guard
     return summary
 
 

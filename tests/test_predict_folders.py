@@ -212,3 +212,15 @@ def test_notes_and_warnings_of_odd_images_reach_the_report(tmp_path, capsys):
     assert any("only 8×8 px" in w for w in by_name["tiny.png"]["warnings"])
     printed = capsys.readouterr()
     assert "nan.tif: " in printed.out and "non-finite" in printed.out and "warnings.warn" not in printed.err
+
+
+def test_a_failed_run_leaves_no_file_protected(tmp_path):
+    """After a run that fails (every file unreadable), the next writes in this thread are free."""
+    from cellrcnn.io import ImageReadError, is_protected
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_text("not a png")
+    with pytest.raises(ImageReadError):
+        _predict(tmp_path, folder, out=tmp_path / "out")
+    assert not is_protected(folder / "a.png")
