@@ -62,7 +62,7 @@ TYPES: dict[str, Rule] = {
     "model.score_threshold": FRACTION,
     "model.mask_threshold": FRACTION,
     "tile_size": _optional(POS_INT),
-    "tile_overlap": NONNEG_INT,
+    "tile_overlap": _optional(NONNEG_INT),
     "score_threshold": _optional(FRACTION),
     "tta": ("null, true, false or a number of views 1-4",
             lambda v: v is None or isinstance(v, bool) or (_int(v) and 1 <= v <= 4)),

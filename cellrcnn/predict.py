@@ -299,7 +299,8 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
     # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api);
     # without ckpt_path a shipped model, by default the one that suits each image (model=auto)
-    options = {"tile_size": cfg.get("tile_size"), "tile_overlap": int(cfg.tile_overlap),
+    overlap = cfg.get("tile_overlap")
+    options = {"tile_size": cfg.get("tile_size"), "tile_overlap": None if overlap is None else int(overlap),
                "score_threshold": cfg.get("score_threshold"), "tta": cfg.get("tta"),
                "polarity": str(cfg.get("polarity") or "auto"),
                "precision": str(cfg.get("precision") or "auto")}

@@ -190,3 +190,19 @@ def test_import_cellrcnn_stays_light():
     code = "import sys, cellrcnn; assert 'torch' not in sys.modules; print(cellrcnn.Segmenter.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "Segmenter"
+
+
+def test_tile_overlap_follows_the_objects_of_a_large_image(segmenter, monkeypatch):
+    """An image too large for one piece gets a tile overlap of 6 median object diameters from a
+    quick look (64 px at least, 128 at most and without objects); a given overlap stands."""
+    import cellrcnn.inference.tiling as tiling
+
+    field = np.tile(disks_image(radius=6), (7, 7))  # 1792², 1225 nuclei of 12 px
+    assert segmenter.tile_overlap_for(field) == 80  # 6 × 12 px = 72, rounded up to 16 px
+    assert segmenter.tile_overlap_for(np.zeros((1792, 1792), np.uint8)) == 128
+    assert Segmenter.from_pretrained("nuclei", tile_overlap=100).tile_overlap_for(field) == 100
+    seen = []
+    original = tiling.predict_image
+    monkeypatch.setattr(tiling, "predict_image", lambda *a, **k: seen.append(k["overlap"]) or original(*a, **k))
+    result = segmenter.segment(field, diameter=None)
+    assert seen == [0, 80] and result.n_objects == 1225  # the quick look in one piece, then the tiles

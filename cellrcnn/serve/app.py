@@ -51,7 +51,7 @@ class ServeSettings:
     workers: int = 1  # images segmented at the same time
     max_queue: int = 8  # further images admitted to wait; beyond: 503 + Retry-After
     tile_size: int | None = None  # None: the model's own (cellrcnn.api.Segmenter)
-    tile_overlap: int = 128
+    tile_overlap: int | None = None  # None: from each large image's objects (cellrcnn.api.Segmenter)
     cache_megapixels: float = 32.0  # label images of recent requests kept in memory for their downloads
     upload_idle_timeout_s: float = 60.0  # an upload that sends nothing for this long is dropped (408)
 
