@@ -64,9 +64,12 @@ MAX_CHANNELS_FIRST = 8
 # Tile overlap (px) of large images. It must exceed the largest object (an object wider than the
 # overlap that crosses a seam is dropped, with a warning). The largest object of an image spans
 # at most 4-5 times its median diameter in 99 % of the annotated DSB2018 and MoNuSeg images (7 at
-# most), hence 6 median diameters, from a quick look at the image; 128 px without one.
+# most), hence 6 median diameters, from a quick look at the image; 128 px without one. Not below
+# 96 px: the owned part of a tile then keeps 48 px from its edges, where the network sees less
+# context (on a 2048² field of 883 held-out DSB2018 nuclei: dsb_score 0.4748 at 128 px, 0.4723 at
+# 96, 0.4704 at 64; bench/results/predict_speed/tile_overlap.md).
 TILE_OVERLAP = 128
-MIN_TILE_OVERLAP = 64
+MIN_TILE_OVERLAP = 96
 OVERLAP_PER_DIAMETER = 6
 OVERLAP_PROBE = 1024
 
@@ -246,13 +249,14 @@ class Segmenter:
         quick view of its central :data:`OVERLAP_PROBE` px (rounded up to 16 px, within
         :data:`MIN_TILE_OVERLAP`-:data:`TILE_OVERLAP`; :data:`TILE_OVERLAP` when too few objects
         show). Fields of small nuclei then need fewer tiles (an 8000² field of 13-px nuclei: 100
-        instead of 121), and an object wider than the overlap stays rare (see the constants)."""
+        instead of 121 of 896 px), and an object wider than the overlap stays rare (see the constants)."""
         from cellrcnn.data.sizes import median_diameter
         from cellrcnn.inference.scale import central_window
 
         if self.tile_overlap is not None:
             return self.tile_overlap
-        window = central_window(raw, OVERLAP_PROBE)  # predicted in one piece: no tiles, no recursion
+        # small enough to be predicted in one piece: no tiles, so no overlap to choose again
+        window = central_window(raw, min(OVERLAP_PROBE, self.whole_image_up_to))
         measured = median_diameter(self._predict_native(window, False, True, settings)[0])
         if measured is None:
             return TILE_OVERLAP

@@ -194,15 +194,18 @@ def test_import_cellrcnn_stays_light():
 
 def test_tile_overlap_follows_the_objects_of_a_large_image(segmenter, monkeypatch):
     """An image too large for one piece gets a tile overlap of 6 median object diameters from a
-    quick look (64 px at least, 128 at most and without objects); a given overlap stands."""
+    quick look (96 px at least, 128 at most and without objects); a given overlap stands."""
     import cellrcnn.inference.tiling as tiling
 
     field = np.tile(disks_image(radius=6), (7, 7))  # 1792², 1225 nuclei of 12 px
-    assert segmenter.tile_overlap_for(field) == 80  # 6 × 12 px = 72, rounded up to 16 px
+    assert segmenter.tile_overlap_for(field) == 96  # 6 × 12 px = 72: the least overlap
+    big = np.tile(disks_image(rows=3, cols=3, spacing=80, radius=9), (7, 7))  # 18-px nuclei
+    assert segmenter.tile_overlap_for(big) == 112  # 6 × 18 px = 108, rounded up to 16 px
     assert segmenter.tile_overlap_for(np.zeros((1792, 1792), np.uint8)) == 128
     assert Segmenter.from_pretrained("nuclei", tile_overlap=100).tile_overlap_for(field) == 100
+    assert Segmenter.from_pretrained("nuclei", tile_size=512).tile_overlap_for(field) == 96  # looks at 512²
     seen = []
     original = tiling.predict_image
     monkeypatch.setattr(tiling, "predict_image", lambda *a, **k: seen.append(k["overlap"]) or original(*a, **k))
     result = segmenter.segment(field, diameter=None)
-    assert seen == [0, 80] and result.n_objects == 1225  # the quick look in one piece, then the tiles
+    assert seen == [0, 96] and result.n_objects == 1225  # the quick look in one piece, then the tiles

@@ -310,3 +310,19 @@ def test_maskrcnn_limits_torchvision_label_image_paints_by_score():
     labels = limits.torchvision_label_image(probs, boxes, scores, (48, 64), 0.5, chunk=2)
     expected = masks_to_label_image((paste_masks_in_image(probs, boxes, (48, 64))[:, 0] > 0.5).numpy(), scores.numpy())
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_tile_overlap_field_carries_its_annotations_along(tmp_path):
+    """bench/tile_overlap.py tiles images and their annotations alike: every tiled disk is one
+    labelled object, and no two copies share a label."""
+    from PIL import Image
+
+    bench = _load_script("tile_overlap")
+    yy, xx = np.mgrid[:60, :70]
+    Image.fromarray(np.where((yy - 30) ** 2 + (xx - 35) ** 2 < 100, 200, 10).astype(np.uint8)).save(tmp_path / "g.png")
+    disk = [[25.0, 20.0, 45.0, 20.0, 45.0, 40.0, 25.0, 40.0]]  # a square over the disk, 20 px wide
+    image = {"path": tmp_path / "g.png", "height": 60, "width": 70, "annotations": [{"segmentation": disk}]}
+    field, labels = bench.annotated_field(140, [image])
+    assert field.shape == labels.shape == (140, 140) and field.dtype == np.uint16
+    assert len(np.unique(labels)) - 1 == 4  # 2 × 2 whole copies (the field cuts the rest short of them)
+    assert (field[labels > 0] > 2000).mean() > 0.7  # the labels lie on the bright disks
