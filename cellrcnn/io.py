@@ -75,8 +75,9 @@ _ALPHA_EXTRASAMPLES = (1, 2)  # TIFF ExtraSamples: 1 associated alpha, 2 unassoc
 
 def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
     """Pixels of the first series and what their last axis means: ``"grey"`` (Y×X), ``"colour"``
-    (Y×X×3, alpha already dropped), or ``"planes"``/``"channels"`` (N×Y×X: pages, z-planes,
-    or channels that are not colour), decided from the series axes and the ExtraSamples tag; and
+    (Y×X×3, alpha already dropped), or ``"pages"``/``"planes"``/``"channels"`` (N×Y×X: pages
+    of unknown meaning, z-planes or time points, or channels that are not colour), decided from
+    the series axes and the ExtraSamples tag; and
     whether ``channel`` was already applied (to the C axis of a stack with planes and channels)."""
     import tifffile
 
@@ -129,7 +130,11 @@ def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
         kind = "grey" if kind == "channels" else kind
     if kind == "colour" or len(others) > 1:
         return data.reshape(-1, *data.shape[len(others):]), "planes", used
-    return data, ("channels" if others[0] == "C" or kind == "channels" else "planes"), used
+    if others[0] == "C" or kind == "channels":
+        return data, "channels", used
+    # pages of unknown meaning (tifffile's Q or I axis) may be channels, as channel=K can say;
+    # z-planes or time points that the file names as such are planes
+    return data, ("pages" if others[0] in "QI" else "planes"), used
 
 
 def _read_with_pil(path: Path) -> np.ndarray:
@@ -155,14 +160,15 @@ def _read_with_pil(path: Path) -> np.ndarray:
 
 def _pick(path: Path, data: np.ndarray, kind: str, channel: int | None, plane: int | None) -> np.ndarray:
     """Apply ``plane=`` / ``channel=`` to N×Y×X stacks and Y×X×C images; ambiguity is an error."""
-    if kind == "planes" and channel is not None and plane is None and data.ndim == 3:
+    if kind == "pages" and channel is not None and plane is None and data.ndim == 3:
         kind = "channels"  # pages without metadata that the user says are channels
-    if kind == "planes":
+    if kind in ("planes", "pages"):
         n = data.shape[0]
         if plane is None:
+            pages = kind == "pages"
             raise ImageReadError(
-                f"{path}: {n} pages or z-planes (shape {data.shape}); set plane=K (0..{n - 1}) to choose "
-                "one, or channel=K if the pages are channels"
+                f"{path}: {n} {'pages' if pages else 'z-planes or time points'} (shape {data.shape}); set "
+                f"plane=K (0..{n - 1}) to choose one" + (", or channel=K if the pages are channels" if pages else "")
             )
         if not 0 <= plane < n:
             raise ImageReadError(f"{path}: plane={plane} but the file has {n} planes (0..{n - 1})")

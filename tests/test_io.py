@@ -289,3 +289,16 @@ def test_an_empty_file_is_called_empty(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ImageReadError, match=r"a.png: empty file \(0 bytes\)"):
         read_image(tmp_path / "a.png")
+
+
+def test_channel_does_not_turn_named_z_planes_into_channels(tmp_path):
+    """Pages without metadata may be channels (channel=K picks one); an ImageJ stack whose axes say
+    Z needs plane=K, and its error does not suggest channel=."""
+    stack = RNG.integers(0, 255, (5, 12, 14), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "pages.tif", stack)
+    tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    np.testing.assert_array_equal(read_image(tmp_path / "pages.tif", channel=2), stack[2])
+    with pytest.raises(ImageReadError, match="z-planes or time points") as error:
+        read_image(tmp_path / "z.tif", channel=0)
+    assert "channel=" not in str(error.value)
+    np.testing.assert_array_equal(read_image(tmp_path / "z.tif", plane=3), stack[3])

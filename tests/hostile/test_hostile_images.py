@@ -47,7 +47,7 @@ def test_z_stack_needs_a_plane(tmp_path):
     tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "pages.tif", stack)  # pages without metadata
     for name in ("z.tif", "pages.tif"):
-        with pytest.raises(ImageReadError, match=rf"{name}: 5 pages or z-planes.*set plane=K"):
+        with pytest.raises(ImageReadError, match=rf"{name}: 5 (pages|z-planes or time points).*set plane=K"):
             read_image(tmp_path / name)
         assert np.all(read_image(tmp_path / name, plane=3) == 3)
     with pytest.raises(ImageReadError, match="plane=7 but the file has 5 planes"):
