@@ -149,15 +149,11 @@ def cold_start(model: str, overrides: list[str], image: Path, work: Path, repeat
     return {"predict_512_s": round(statistics.median(runs), 2), "import_torch_s": round(statistics.median(torch_only), 2)}
 
 
-def big_field(size: int, images: list[dict], work: Path) -> Path:
-    """A size×size uint16 field tiled from grey fluorescence images (12-bit range, as a camera writes)."""
-    import tifffile
-
+def fluorescence_tiles(images: list[dict]) -> list[tuple[np.ndarray, dict]]:
+    """(float32 grey pixels, image record) of the grey fluorescence images among ``images``: not
+    stained, not bright-background."""
     from cellrcnn.io import read_image
 
-    path = work / f"field_{size}.tif"
-    if path.exists():
-        return path
     tiles = []
     for im in images:
         raw = np.asarray(read_image(im["path"]), np.float32)
@@ -166,7 +162,18 @@ def big_field(size: int, images: list[dict], work: Path) -> Path:
                 continue
             raw = raw.mean(-1)
         if np.median(raw) < 0.5 * raw.max():
-            tiles.append(raw)
+            tiles.append((raw, im))
+    return tiles
+
+
+def big_field(size: int, images: list[dict], work: Path) -> Path:
+    """A size×size uint16 field tiled from grey fluorescence images (12-bit range, as a camera writes)."""
+    import tifffile
+
+    path = work / f"field_{size}.tif"
+    if path.exists():
+        return path
+    tiles = [raw for raw, _ in fluorescence_tiles(images)]
     field = np.zeros((size, size), np.uint16)
     y = 0
     k = 0

@@ -21,24 +21,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predict_speed import coco_images, gt_labels  # noqa: E402
+from predict_speed import coco_images, fluorescence_tiles, gt_labels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def annotated_field(size: int, images: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(uint16 field, int32 label field) tiled row by row from the grey fluorescence images."""
-    from cellrcnn.io import read_image
-
-    tiles = []
-    for im in images:
-        raw = np.asarray(read_image(im["path"]), np.float32)
-        if raw.ndim == 3:
-            if np.abs(raw[..., 0] - raw[..., -1]).mean() > 2:  # stained: not a fluorescence field
-                continue
-            raw = raw.mean(-1)
-        if np.median(raw) < 0.5 * raw.max():
-            tiles.append((raw, gt_labels(im)))
+    """(uint16 field, int32 label field) tiled row by row from the grey fluorescence images, as
+    ``predict_speed.big_field`` tiles them."""
+    tiles = [(raw, gt_labels(im)) for raw, im in fluorescence_tiles(images)]
     field, labels = np.zeros((size, size), np.uint16), np.zeros((size, size), np.int32)
     y = k = 0
     next_label = 1
