@@ -188,8 +188,8 @@ class Segmenter:
 
             flip_count(tta)  # a wrong value fails here, not at the first image
             module.tta = tta
-        # channels, and inversion of bright backgrounds (the model's) unless the user says otherwise
-        self.settings = {**module.input_settings, "polarity": check_polarity(polarity)}
+        self.settings = dict(module.input_settings)  # channels, and inversion of bright backgrounds
+        self.polarity = check_polarity(polarity)  # the user's word on the objects, where the image misleads
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> Segmenter:
@@ -228,7 +228,7 @@ class Segmenter:
         return resolve_diameter("default", getattr(self.module, "default_diameter", None))
 
     def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False,
-                        settings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        polarity: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
         test-time flips off), for the measuring pass of ``diameter=shrink`` and ``auto``."""
         from cellrcnn.inference.predictor import prediction_fn
@@ -239,11 +239,11 @@ class Segmenter:
         predict_fn = prediction_fn(self.module, quick)
         one_piece = max(np.shape(raw)[:2]) <= self.whole_image_up_to
         tile_size = max(self.whole_image_up_to, self.tile_size) if one_piece else self.tile_size
-        overlap = 0 if one_piece else self.tile_overlap_for(raw, settings)
+        overlap = 0 if one_piece else self.tile_overlap_for(raw, polarity)
         return predict_image(raw, predict_fn, tile_size=tile_size, overlap=overlap,
-                             progress=progress, **(settings or self.settings))
+                             progress=progress, polarity=polarity or self.polarity, **self.settings)
 
-    def tile_overlap_for(self, raw: np.ndarray, settings: dict | None = None) -> int:
+    def tile_overlap_for(self, raw: np.ndarray, polarity: str | None = None) -> int:
         """The tile overlap of an image too large for one piece: the segmenter's ``tile_overlap``
         when given, else :data:`OVERLAP_PER_DIAMETER` times the median object diameter of one
         quick view of its central :data:`OVERLAP_PROBE` px (rounded up to 16 px, within
@@ -257,7 +257,7 @@ class Segmenter:
             return self.tile_overlap
         # small enough to be predicted in one piece: no tiles, so no overlap to choose again
         window = central_window(raw, min(OVERLAP_PROBE, self.whole_image_up_to))
-        measured = median_diameter(self._predict_native(window, False, True, settings)[0])
+        measured = median_diameter(self._predict_native(window, False, True, polarity)[0])
         if measured is None:
             return TILE_OVERLAP
         return int(np.clip(16 * math.ceil(OVERLAP_PER_DIAMETER * measured / 16), MIN_TILE_OVERLAP, TILE_OVERLAP))
@@ -308,17 +308,17 @@ class Segmenter:
         raw = self.read(image, channel, plane)
         diameter = resolve_diameter(diameter, getattr(self.module, "default_diameter", None))
         check_diameter(diameter, self.object_diameter, str(self.checkpoint or self.name))
-        settings = self.settings if polarity is None else {**self.settings, "polarity": check_polarity(polarity)}
-        labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress, settings=settings),
+        polarity = self.polarity if polarity is None else check_polarity(polarity)
+        labels, scores, info = predict_at_diameter(raw, lambda x: self._predict_native(x, progress, polarity=polarity),
                                                    diameter, self.object_diameter,
-                                                   lambda x: self._predict_native(x, False, True, settings),
+                                                   lambda x: self._predict_native(x, False, True, polarity),
                                                    getattr(self.module, "training_profile", None))
         labels = np.asarray(labels)
         labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
         found = median_diameter(labels, MIN_OBJECTS_FOR_SIZE)
         info = {**info, "median_diameter": None if found is None else round(found, 2), "diameter": diameter,
                 "model": self.name, "checkpoint": str(self.checkpoint or self.name),
-                "seen_as": input_polarity(raw, settings["invert_bright"], settings["hematoxylin"], settings["polarity"]),
+                "seen_as": input_polarity(raw, self.settings["invert_bright"], self.settings["hematoxylin"], polarity),
                 "warnings": self.warnings(raw, labels, info.get("factor", 1.0), found)}
         return Result(labels=labels, scores=np.asarray(scores, np.float32), image=raw, name=name or "",
                       pixel_size=pixel_size, info=info)
