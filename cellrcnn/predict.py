@@ -382,6 +382,6 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # python -m cellrcnn.predict
-    from cellrcnn.cli import predict as main
+    from cellrcnn.cli import predict_and_exit
 
-    main()
+    predict_and_exit()

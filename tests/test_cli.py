@@ -58,6 +58,19 @@ def test_predict_chooses_a_shipped_model_by_name(tmp_path):
     assert report in (tmp_path / "run" / "predict.log").read_text() and proc.stdout.count(report) == 1
 
 
+def test_predict_script_ends_with_every_output_and_log_line_written(tmp_path):
+    """``python predict.py`` leaves without Python's finalisation (cellrcnn.cli.predict_and_exit):
+    the outputs, the run's log and the console report are complete all the same."""
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "ok.png")
+    script = Path(__file__).resolve().parents[1] / "predict.py"
+    proc = subprocess.run([sys.executable, str(script), "input=ok.png", "output=o", "hydra.run.dir=run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert {"ok.tif", "ok_overlay.png", "predictions.json", "coco_results.json"} <= {p.name for p in (tmp_path / "o").iterdir()}
+    report = "ok.png: 0 objects -> o/ok.tif"
+    assert report in proc.stdout and report in (tmp_path / "run" / "predict.log").read_text()
+
+
 def test_predict_mistakes_end_with_a_hint_and_write_nothing(tmp_path):
     (tmp_path / "keep.log").write_text("a file of the user's")
     (tmp_path / "notes.txt").write_text("not an image")
