@@ -9,7 +9,9 @@ whole run ``coco_results.json`` (COCO results, ``image_id`` as in ``predictions.
 of a folder are still processed. Files of a folder that are not images, and its subfolders (not
 searched), are reported on the console and in ``predictions.json`` (``ignored``). The output folder
 may be the input folder: what an earlier run wrote there (its ``predictions.json`` names every file)
-is not taken for an input again.
+is not taken for an input again. A file of the output folder that no run of predict wrote (the
+user's ground truth ``cells.tif``) is kept like an input: the outputs that would replace it get
+``_pred`` (``kept`` in ``predictions.json``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ log = logging.getLogger(__name__)
 
 class InputWouldBeReplaced(UsageError, FileExistsError):
     """An output of the run has the name of a file of the input folder (the run's output folder)."""
+
+
+class UnrecordedFileWouldBeReplaced(UsageError, FileExistsError):
+    """A file the run writes for all images (``coco_results.json``, ...) is already in the output
+    folder, but no recorded run of predict wrote it: its record was deleted, or it is the user's."""
 
 
 @contextlib.contextmanager
@@ -151,31 +158,32 @@ def made_from(stem: str, source: Path) -> bool:
     return renamed or stem in (own, f"{own}_{source.suffix.lstrip('.')}")
 
 
-def output_pairs(files: list[Path]) -> set[str]:
-    """The label image and overlay pairs (``<stem>.tif``, ``<stem>_overlay.png``) of ``files`` made
-    from another image among them: what a run wrote that left no record (it crashed, or its
+def output_pairs(files: list[Path], sources: list[Path] | tuple = ()) -> set[str]:
+    """The label image and overlay pairs (``<stem>.tif``, ``<stem>_overlay.png``) of ``files`` (of one
+    folder) made from another image among them or among ``sources`` (this run's images, when they
+    are in another folder): what a run wrote that left no record (it crashed, or its
     predictions.json was deleted). Both names and a source are needed, so a user's own
     ``x_overlay.png`` or ``x.tif`` alone is still an input."""
-    names = {p.name for p in files}
+    by_name = {p.name: p for p in files}
     found = set()
     for overlay in files:
         stem = overlay.name.removesuffix("_overlay.png")
-        label = f"{stem}.tif"
-        if stem == overlay.name or label not in names:
+        label = by_name.get(f"{stem}.tif")
+        if stem == overlay.name or label is None:
             continue
-        if any(made_from(stem, p) for p in files if p.name not in (label, overlay.name)):
-            found |= {label, overlay.name}
+        if any(made_from(stem, p) for p in [*files, *sources] if p not in (label, overlay)):
+            found |= {label.name, overlay.name}
     return found
 
 
-def earlier_outputs(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
-    """The ``files`` of ``folder`` (the input and the output folder at once) that an earlier run of
-    predict wrote, by how they are known: listed in its predictions.json, or paired as a run writes
-    them. A file a record names as an input is never one of them."""
+def earlier_outputs(folder: Path, files: list[Path], sources: list[Path] | tuple = ()) -> dict[str, list[Path]]:
+    """The ``files`` of ``folder`` (the output folder, often the input folder too) that an earlier
+    run of predict wrote, by how they are known: listed in its predictions.json, or paired as a run
+    writes them (:func:`output_pairs`). A file a record names as an input is never one of them."""
     record = read_record(folder / RECORD)
     inputs = recorded_inputs(record)
     listed = recorded_outputs(record) - inputs if record else set()
-    paired = output_pairs(files) - inputs - listed
+    paired = output_pairs(files, sources) - inputs - listed
     files = sorted(files)
     return {"that an earlier run of predict wrote here (listed in its predictions.json)":
             [p for p in files if p.name in listed],
@@ -219,10 +227,52 @@ def gather_inputs(source: Path, out: Path) -> tuple[list[Path], list[Path], dict
     return images, others, ignored
 
 
-def check_run_files_free(out: Path, names: list[str]) -> None:
+def output_folder_files(out: Path, images: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(files of ``out`` an earlier run of predict wrote, files of ``out`` that no run of predict
+    wrote and that are no input of this run), to be called once the inputs are protected. The
+    second are the user's (ground truth ``cells.tif`` beside the predictions), or a run's that left no
+    record and whose pairs are not recognised: this run must not replace them. Hidden files count
+    (a lone hidden input's outputs are hidden too)."""
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    here = out.resolve()
+    sources = [p for p in images if p.resolve().parent != here]  # those in out are among files
+    ours = {p for group in earlier_outputs(out, files, sources).values() for p in group}
+    return [p for p in files if p in ours], [p for p in files if p not in ours and not is_protected(p)]
+
+
+def output_like(names: list[str]) -> list[str]:
+    """The visible ``names`` a run could write (its run files, or an export of some image): the files
+    kept in the output folder worth naming; the user's notes or a hidden .DS_Store are not."""
+    from .inference.exports import EXPORT_SUFFIXES
+
+    run_names = names_of_run_files()
+    return [n for n in names if not n.startswith(".") and (n in run_names or n.endswith(EXPORT_SUFFIXES))]
+
+
+def names_of_run_files() -> set[str]:
+    """Every name :func:`run_files` can give, whatever the options."""
+    tables = {f"{t}{s}" for t in ("measurements", "summary") for s in (".csv", ".parquet")}
+    return {*ALWAYS_WRITTEN, *tables, "shape_anomaly_model.pt"}
+
+
+def say_kept(out: Path, names: list[str]) -> None:
+    """Say once which files of the output folder this run leaves alone, and what happens instead."""
+    if names:
+        its = "its name" if len(names) == 1 else "their names"
+        say(f"kept {_count(len(names), 'file')} already in {out} that no run of predict wrote: "
+            f"{_some(names)}; outputs that would have {its} get _pred")
+
+
+def check_run_files_free(out: Path, names: list[str], unrecorded: set[str] = frozenset()) -> None:
     """Before any image is predicted: no file the run writes for all images would replace an input
-    (one of the user's own tables in the input folder), which atomic_write refuses at the end."""
+    (one of the user's own tables in the input folder), which atomic_write refuses at the end, nor
+    a file of the output folder that no recorded run wrote (``unrecorded``): such a file has no
+    _pred name to fall back on (the record names these files), so the run stops."""
     for name in names:
+        if name in unrecorded:
+            raise UnrecordedFileWouldBeReplaced(
+                f"{out / name}: refusing to replace a file that was not written by a recorded run of predict "
+                f"(no predictions.json in {out} lists it)", "move it away or choose another output folder")
         if is_protected(out / name):
             raise InputWouldBeReplaced(f"{out / name}: refusing to overwrite an input file",
                                        "choose another output folder, or move that file out of the input one")
@@ -295,7 +345,16 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     images, others, ignored = gather_inputs(Path(cfg.input), out)  # an earlier run's outputs left out
     protect_inputs([*images, *others])  # no output may replace an input (same folder, symlinks)
-    check_run_files_free(out, run_files(cfg))  # before the model loads, not after every image
+    ours, kept = output_folder_files(out, images)
+    unrecorded = {p.name for p in kept}
+    if ignored["earlier_outputs"]:  # the input folder holds a run's outputs: a run-level file of it
+        unrecorded |= {p.name for p in others}  # that no record lists is a leftover, not an input
+    check_run_files_free(out, run_files(cfg), unrecorded)  # before the model loads, not after every image
+    protect_inputs([*images, *others, *kept])  # the user's files in the output folder are kept too
+    kept_names = output_like([p.name for p in kept])
+    say_kept(out, kept_names)
+    # carried on in the record, so that a later run still knows them when this one did not rewrite them
+    ignored["earlier_outputs"] = sorted({*ignored["earlier_outputs"], *(p.name for p in ours)})
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
     # the model with its input preparation, object size, tiling and thresholds (cellrcnn.api);
     # without ckpt_path a shipped model, by default the one that suits each image (model=auto)
@@ -311,7 +370,8 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
     check_diameter(cfg.get("diameter"), segmenter.object_diameter, str(ckpt_path))
 
     summary: dict[str, Any] = {"checkpoint": str(cfg.get("ckpt_path") or ckpt_path), "model": segmenter.name,
-                               "images": [], "skipped": [], **ignored, "outputs": list(ALWAYS_WRITTEN)}
+                               "images": [], "skipped": [], **ignored, "kept": kept_names,
+                               "outputs": list(ALWAYS_WRITTEN)}
     results, tables, stems, shapes = [], [], set(), {}
     for path in images:
         try:

@@ -224,3 +224,83 @@ def test_a_failed_run_leaves_no_file_protected(tmp_path):
     with pytest.raises(ImageReadError):
         _predict(tmp_path, folder, out=tmp_path / "out")
     assert not is_protected(folder / "a.png")
+
+
+def test_a_users_file_in_the_output_folder_is_kept_and_a_rerun_replaces_only_its_own(tmp_path, capsys):
+    """The user's ground truth cells.tif in the output folder survives byte-identical: the label
+    image goes to cells_pred.tif, which the record lists, and a rerun writes over its own files."""
+    Image.fromarray(_nuclei(0)).save(tmp_path / "cells.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    tifffile.imwrite(out / "cells.tif", (_nuclei(0) > 100).astype(np.uint16))
+    (out / "notes.txt").write_text("ground truth by hand\n")
+    truth = (out / "cells.tif").read_bytes()
+
+    first = _predict(tmp_path, tmp_path / "cells.png", out=out)
+
+    assert (out / "cells.tif").read_bytes() == truth
+    assert [entry["labels"] for entry in first["images"]] == ["cells_pred.tif"]
+    assert _record(out)["images"][0]["outputs"] == ["cells_pred.tif", "cells_pred_overlay.png"]
+    assert _record(out)["kept"] == ["cells.tif"]  # notes.txt is no name an output could have
+    assert (f"kept 1 file already in {out} that no run of predict wrote: cells.tif; outputs that would have "
+            "its name get _pred") in capsys.readouterr().out
+    files = _listing(out)
+
+    second = _predict(tmp_path, tmp_path / "cells.png", out=out)
+
+    assert [entry["labels"] for entry in second["images"]] == ["cells_pred.tif"]
+    assert _listing(out) == files and not list(out.glob("*_pred2*"))  # no pile-up
+    assert (out / "cells.tif").read_bytes() == truth
+    assert (out / "notes.txt").read_text() == "ground truth by hand\n"
+    assert "kept 1 file" in capsys.readouterr().out and _record(out)["kept"] == ["cells.tif"]
+
+
+def test_outputs_a_later_run_does_not_rewrite_stay_known_as_outputs(tmp_path):
+    """The first run's GeoJSON, which a second run without exports leaves, is carried on in the
+    record (``earlier_outputs``): a third run with exports replaces it instead of keeping it."""
+    Image.fromarray(_nuclei(0)).save(tmp_path / "cells.png")
+    out = tmp_path / "out"
+    _predict(tmp_path, tmp_path / "cells.png", "exports=[geojson]", out=out)
+    _predict(tmp_path, tmp_path / "cells.png", out=out)
+    third = _predict(tmp_path, tmp_path / "cells.png", "exports=[geojson]", out=out)
+    assert [entry["labels"] for entry in third["images"]] == ["cells.tif"] and third["kept"] == []
+    assert _listing(out) == {"cells.tif", "cells_overlay.png", "cells.geojson", "coco_results.json",
+                             "predictions.json"}
+
+
+def test_unrecorded_pairs_of_this_runs_images_are_replaced(tmp_path):
+    """A run into another folder that left no record (it crashed): its label image and overlay,
+    named after an image of this run, are recognised and replaced rather than kept."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "fluo.png")
+    out = tmp_path / "out"
+    _predict(tmp_path, folder, out=out)
+    for name in ("predictions.json", "coco_results.json"):
+        (out / name).unlink()
+    second = _predict(tmp_path, folder, out=out)
+    assert [entry["labels"] for entry in second["images"]] == ["fluo.tif"] and second["kept"] == []
+    assert second["earlier_outputs"] == ["fluo.tif", "fluo_overlay.png"]
+
+
+@pytest.mark.parametrize("same_folder", [False, True])
+def test_a_run_file_no_record_lists_stops_the_run_before_any_image(tmp_path, same_folder, capsys):
+    """coco_results.json left without its predictions.json (deleted): not the user's input, and not
+    known to be predict's; the run stops before predicting, says so, and leaves every file as it was."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_nuclei(0)).save(folder / "fluo.png")
+    out = folder if same_folder else tmp_path / "out"
+    _predict(tmp_path, folder, out=out)
+    (out / "predictions.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(FileExistsError) as error:
+        _predict(tmp_path, folder, out=out)
+    message = str(error.value)
+    assert message.startswith(f"{out / 'coco_results.json'}: ") and "input" not in message
+    assert "not written by a recorded run of predict" in message
+    assert "move it away or choose another output folder" in message
+    assert isinstance(error.value, UsageError)  # the command prints it without a traceback, exit 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert "objects" not in capsys.readouterr().out  # stopped before any image was predicted
