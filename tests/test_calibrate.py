@@ -163,3 +163,40 @@ def test_calibration_stops_at_its_deadline_after_the_minimum():
     assert report["n_images"] == MIN_IMAGES and len(seen) == MIN_IMAGES + 1  # one read, then stopped
     _, report = calibrate(module, samples(), deadline=time.monotonic() + 3600)
     assert report["n_images"] == MIN_IMAGES + 3
+
+
+class MapsOfTheImage(UNetModule):
+    """Exact maps of the bright squares of whatever image it is given, which it records: what the
+    watershed gets depends only on the size the image reaches the network at."""
+
+    def predict_maps(self, image, tta=None):
+        from scipy import ndimage
+
+        self.seen.append(tuple(image.shape[-2:]))
+        labels, n = ndimage.label(image[0].numpy() > 0.5)
+        classes, distance = targets_to_unet_maps(np.stack([labels == k for k in range(1, n + 1)]).astype(np.uint8))
+        probs = np.stack([classes == k for k in range(3)]).astype(np.float32)
+        return probs, distance.astype(np.float32)
+
+
+def big_squares() -> tuple[torch.Tensor, dict]:
+    """Nine annotated 36×36 squares (40.6 px equivalent diameter), bright on a 128² image."""
+    corners = [(y, x) for y in (2, 45, 88) for x in (2, 45, 88)]
+    image, target = annotated_squares(*corners, size=128, side=36)
+    return target["masks"].amax(0, keepdim=True).float(), target
+
+
+@pytest.mark.parametrize("mode, object_diameter, side", [
+    ("auto", 15.0, 47),     # brought to the model's 15 px: 15 / 40.6 of 128
+    (None, 14.0, 88),       # shrink (the default mode): beyond 2.8x the model's 14 px, brought to 2x it
+    ("shrink", 15.0, 128),  # 40.6 px is within 2.8x of 15 px: native size
+    ("auto", None, 128),    # a model without a training size: native size
+])
+def test_calibration_sees_each_image_at_the_size_prediction_gives_it(mode, object_diameter, side):
+    module = MapsOfTheImage(net={"in_channels": 1, "base_width": 8, "depth": 2}, postprocess={"fg_threshold": 0.5},
+                            object_diameter=object_diameter, default_diameter=mode)
+    module.seen = []
+    _, report = calibrate(module, [big_squares()])
+    assert set(module.seen) == {(side, side)}
+    assert report["resized_images"] == (side != 128)
+    assert report["dsb_score"] > 0.8  # the annotation was resized with the image

@@ -206,6 +206,18 @@ def shrink_sizes(model_diameter: float, profile: Mapping | None = None) -> tuple
     return SHRINK_TO * model_diameter, SHRINK_ABOVE * model_diameter
 
 
+def mode_factor(mode: str, measured: float | None, model_diameter: float, profile: Mapping | None = None) -> float:
+    """The resize that ``shrink`` or ``auto`` gives an image whose objects' median diameter is
+    ``measured`` (None: too few objects to measure): 1.0 for sizes the model knows."""
+    if measured is None:
+        return 1.0
+    if mode == SHRINK:
+        to, above = shrink_sizes(model_diameter, profile)
+        return scale_factor(measured, to) if measured > above else 1.0
+    factor = min(scale_factor(measured, model_diameter), AUTO_MAX_ENLARGEMENT)
+    return 1.0 if 1 / TOLERANCE <= factor <= TOLERANCE else factor
+
+
 def predict_at_diameter(
     raw: np.ndarray, label_fn: LabelFn, diameter: float | str | None, model_diameter: float | None,
     probe_fn: LabelFn | None = None, profile: Mapping | None = None,
@@ -237,11 +249,10 @@ def predict_at_diameter(
     if diameter == SHRINK:
         measured = probe_diameter(raw, probe_fn or label_fn)
         info["measured_diameter"] = None if measured is None else round(measured, 2)
-        to, above = shrink_sizes(model_diameter, profile)
-        if measured is None or measured <= above:  # objects of sizes the model knows: native size
+        factor = mode_factor(SHRINK, measured, model_diameter, profile)
+        if factor == 1.0:  # objects of sizes the model knows: native size
             labels, scores = label_fn(raw)
             return labels, scores, {"factor": 1.0, **info}
-        factor = scale_factor(measured, to)
     elif diameter == "auto":
         if probe_fn is None:  # the full native prediction measures, and stands when it needs no resizing
             first = label_fn(raw)
@@ -249,8 +260,8 @@ def predict_at_diameter(
         else:  # small objects are measured at native size, on one view of the central window
             measured = probe_diameter(raw, probe_fn, factor=1.0, min_side=0)
         info["measured_diameter"] = None if measured is None else round(measured, 2)
-        factor = 1.0 if measured is None else min(scale_factor(measured, model_diameter), AUTO_MAX_ENLARGEMENT)
-        if 1 / TOLERANCE <= factor <= TOLERANCE:
+        factor = mode_factor("auto", measured, model_diameter)
+        if factor == 1.0:
             labels, scores = first or label_fn(raw)
             return labels, scores, {"factor": 1.0, **info}
     else:
