@@ -177,8 +177,10 @@ def readme(cards: dict[str, dict]) -> str:
                       f" in {len(legs)} legs of {', '.join(f'{m:g}' for m in legs)} min; {card.get('global_step')} "
                       "optimiser steps in the last" if len(legs) > 1 else f", {card.get('global_step')} optimiser steps"
                   ) + ").",
-                  f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} (calibrated on "
-                  "validation images after training).",
+                  f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} " + (
+                      f"(chosen on {card.get('calibration_images')} validation images, each at the size prediction "
+                      f"gives it: `{card['calibration_command']}`)." if card.get("calibration_command")
+                      else "(calibrated on validation images after training)."),
                   f"- Object size: it trained on nuclei of median diameter {card['object_diameter_px']} px "
                   "(images resized towards one size). " + diameter_note(card.get("default_diameter")),
                   "- Training profile (for the out-of-distribution warning): "
