@@ -35,6 +35,9 @@ SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "nuclei.ckpt"
 MIN_CELLS_FOR_ANOMALY = 30  # fewer cells cannot define what a typical shape is
 RECORD = "predictions.json"
 ALWAYS_WRITTEN = ("coco_results.json", RECORD)  # by every run, whatever its options
+TABLES = ("measurements", "summary")  # measure=true: per cell, per image
+TABLE_SUFFIXES = {"csv": ".csv", "parquet": ".parquet"}  # table_format
+ANOMALY_MODEL = "shape_anomaly_model.pt"  # anomaly=true
 NAMED = 4  # files named in a console line; the rest are counted
 log = logging.getLogger(__name__)
 
@@ -251,8 +254,8 @@ def output_like(names: list[str]) -> list[str]:
 
 def names_of_run_files() -> set[str]:
     """Every name :func:`run_files` can give, whatever the options."""
-    tables = {f"{t}{s}" for t in ("measurements", "summary") for s in (".csv", ".parquet")}
-    return {*ALWAYS_WRITTEN, *tables, "shape_anomaly_model.pt"}
+    tables = {f"{t}{s}" for t in TABLES for s in TABLE_SUFFIXES.values()}
+    return {*ALWAYS_WRITTEN, *tables, ANOMALY_MODEL}
 
 
 def say_kept(out: Path, names: list[str]) -> None:
@@ -282,13 +285,13 @@ def run_files(cfg: DictConfig) -> list[str]:
     """The files a run writes besides each image's (``shape_anomaly_model.pt`` where it has the cells)."""
     names = list(ALWAYS_WRITTEN)
     if cfg.get("measure"):
-        names += [f"measurements{table_suffix(cfg)}", f"summary{table_suffix(cfg)}"]
-        names += ["shape_anomaly_model.pt"] if cfg.get("anomaly") else []
+        names += [f"{table}{table_suffix(cfg)}" for table in TABLES]
+        names += [ANOMALY_MODEL] if cfg.get("anomaly") else []
     return names
 
 
 def table_suffix(cfg: DictConfig) -> str:
-    return ".parquet" if cfg.get("table_format") == "parquet" else ".csv"
+    return TABLE_SUFFIXES["parquet" if cfg.get("table_format") == "parquet" else "csv"]
 
 
 def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int]], cfg: DictConfig) -> tuple:
@@ -304,13 +307,13 @@ def write_measurements(out: Path, tables: list, shapes: dict[str, tuple[int, int
     if cfg.get("anomaly") and len(table) >= MIN_CELLS_FOR_ANOMALY:
         model = fit_anomaly_model(table)
         table = score_anomalies(model, table)
-        model.save(out / "shape_anomaly_model.pt")
+        model.save(out / ANOMALY_MODEL)
     elif cfg.get("anomaly"):
         say(f"anomaly=true needs at least {MIN_CELLS_FOR_ANOMALY} cells to learn typical shapes; found {len(table)}")
-    written = [f"measurements{table_suffix(cfg)}", f"summary{table_suffix(cfg)}"]
+    written = [f"{name}{table_suffix(cfg)}" for name in TABLES]
     write_table(table, out / written[0])
     write_table(summarize(table, image_shapes=shapes, pixel_size=cfg.get("pixel_size")), out / written[1])
-    return table, written + (["shape_anomaly_model.pt"] if "anomaly_score" in table else [])
+    return table, written + ([ANOMALY_MODEL] if "anomaly_score" in table else [])
 
 
 def flag_anomalies_in_exports(out: Path, images: list[dict], table, formats: set[str]) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.masks import masks_to_label_image
@@ -50,7 +49,14 @@ def at_prediction_size(module, image: torch.Tensor, gt: np.ndarray) -> tuple[tor
     judged from the annotated objects' median diameter, which the measuring pass of prediction
     finds about the same; also the factor. Thresholds are chosen on what the watershed will see:
     MoNuSeg's nuclei reach ``nuclei_he`` at 0.7 of their size, S-BSST265's reach ``nuclei`` at 0.3."""
-    from ..inference.scale import MODES, median_diameter, mode_factor, resolve_diameter
+    from ..inference.scale import (
+        MODES,
+        median_diameter,
+        mode_factor,
+        resize_image,
+        resize_labels,
+        resolve_diameter,
+    )
 
     mode = resolve_diameter("default", getattr(module, "default_diameter", None))
     model_diameter = getattr(module, "object_diameter", None)
@@ -59,12 +65,9 @@ def at_prediction_size(module, image: torch.Tensor, gt: np.ndarray) -> tuple[tor
     factor = mode_factor(mode, median_diameter(gt), model_diameter, getattr(module, "training_profile", None))
     if factor == 1.0:
         return image, gt, 1.0
-    h, w = gt.shape
-    size = (max(1, round(h * factor)), max(1, round(w * factor)))  # as cellrcnn.inference.scale.resize_image
-    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
-                          antialias=factor < 1)[0]
-    labels = F.interpolate(torch.from_numpy(gt.astype(np.float32))[None, None], size=size, mode="nearest")[0, 0]
-    return image, labels.numpy().astype(gt.dtype), factor
+    image = torch.from_numpy(resize_image(image.permute(1, 2, 0).numpy(), factor)).permute(2, 0, 1)
+    labels, _ = resize_labels(gt, np.ones(int(gt.max())), tuple(image.shape[-2:]))
+    return image, labels, factor
 
 
 def calibrate(
