@@ -161,6 +161,8 @@ class CellDataModule(L.LightningDataModule):
         min_area: cropped instances under this many pixels are dropped.
         invert_p: probability of intensity inversion (dark-on-bright <-> bright-on-dark).
         scale_range: e.g. (0.75, 1.33) for random rescaling; None disables it.
+        acquisition_p: share of training samples blurred and/or given photon shot noise, as
+            another microscope or a dim exposure records them (0 disables it).
         balance: None (every training image once per epoch) or ``"appearance"`` (images drawn with
             replacement, rare acquisition groups more often; see the module docstring).
         synthetic: when not None, ``prepare_data`` generates the synthetic dataset at ``root``
@@ -189,6 +191,7 @@ class CellDataModule(L.LightningDataModule):
         balance: str | None = None,
         invert_bright: bool = False,
         hematoxylin: bool = False,
+        acquisition_p: float = 0.0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -198,6 +201,9 @@ class CellDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.augment, self.seed = num_workers, augment, seed
         self.min_area, self.invert_p = min_area, invert_p
+        if not 0.0 <= acquisition_p <= 1.0:
+            raise ValueError(f"acquisition_p is a probability in [0, 1], got {acquisition_p}")
+        self.acquisition_p = float(acquisition_p)
         self.scale_range = tuple(scale_range) if scale_range is not None else None
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
         self.synthetic = dict(synthetic) if synthetic is not None else None
@@ -235,6 +241,13 @@ class CellDataModule(L.LightningDataModule):
             invert_bright=self.invert_bright, hematoxylin=self.hematoxylin,
         )
 
+    def train_transform_options(self) -> dict:
+        """Keyword arguments of :func:`build_train_transforms` for the training split."""
+        on = self.augment
+        return dict(crop_size=self.crop_size if on else None, min_area=self.min_area, flips=on, rot90=on,
+                    intensity=on, invert_p=self.invert_p if on else 0.0, scale_range=self.scale_range if on else None,
+                    acquisition_p=self.acquisition_p if on else 0.0)
+
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
@@ -242,15 +255,7 @@ class CellDataModule(L.LightningDataModule):
                 continue
             base = self._dataset(split)
             if split == "train":
-                transforms = build_train_transforms(
-                    crop_size=self.crop_size if self.augment else None,
-                    min_area=self.min_area,
-                    flips=self.augment,
-                    rot90=self.augment,
-                    intensity=self.augment,
-                    invert_p=self.invert_p if self.augment else 0.0,
-                    scale_range=self.scale_range if self.augment else None,
-                )
+                transforms = build_train_transforms(**self.train_transform_options())
                 self.datasets[split] = AugmentedDataset(base, transforms, self._rank_seed())
             else:
                 self.datasets[split] = base

@@ -221,10 +221,7 @@ class MixedDataModule(CellDataModule):
             if self.splits[split] is None or split in self.datasets:
                 continue
             if split == "train":
-                options = dict(crop_size=self.crop_size if self.augment else None, min_area=self.min_area,
-                               flips=self.augment, rot90=self.augment, intensity=self.augment,
-                               invert_p=self.invert_p if self.augment else 0.0,
-                               scale_range=self.scale_range if self.augment else None)
+                options = self.train_transform_options()
                 parts = []
                 for _, source in self._present("train"):
                     dataset = self._source_dataset(source, "train")
