@@ -269,8 +269,8 @@ class AcquisitionJitter(Transform):
         sigma = float(rng.uniform(*self.blur_sigma))
         photons = float(np.exp(rng.uniform(np.log(self.photons[0]), np.log(self.photons[1]))))
         image = image.astype(np.float32, copy=True)
-        if blur:  # H×W×C: channels are not blurred into each other
-            image = ndimage.gaussian_filter(image, (sigma, sigma, 0)[: image.ndim])
+        if blur:  # C×H×W: channels are not blurred into each other
+            image = ndimage.gaussian_filter(image, (0.0,) * (image.ndim - 2) + (sigma, sigma))
         if noise:
             image = rng.poisson(np.clip(image, 0.0, None) * photons).astype(np.float32) / photons
         return image, target
