@@ -15,7 +15,8 @@ held-out (``test``) image of each converted source (``datasets/coco/<source>``) 
 - ``vignette``: uneven illumination falling to 50 % at the corners;
 
 and segmented through :class:`cellrcnn.api.Segmenter` (``model=auto`` chooses per image, as
-``predict.py`` does) with each ``--diameters`` mode. Writes ``robustness.md`` / ``.json`` under
+``predict.py`` does) with each ``--diameters`` mode (``default``: each model's own; ``shrink``,
+``auto``, ``null``). Writes ``robustness.md`` / ``.json`` under
 ``--out`` (dsb_score / f1@0.5 / pq@0.5 per source and change, and the images per model chosen).
 """
 
@@ -83,7 +84,7 @@ def load_segmenter(model: str):
 
 
 def run(segment: Callable, sources: list[str], changes: list[str], diameters: list[str],
-        limit: int | None, progress: bool = True) -> list[dict]:
+        limit: int | None, coco_root: Path = REPO / "datasets" / "coco", progress: bool = True) -> list[dict]:
     """Rows ``{source, change, diameter, n_images, models, <METRICS>, s_per_image}``."""
     from tqdm import tqdm
 
@@ -94,7 +95,7 @@ def run(segment: Callable, sources: list[str], changes: list[str], diameters: li
 
     rows = []
     for source in sources:
-        root = REPO / "datasets" / "coco" / source
+        root = coco_root / source
         ds = CocoInstanceDataset(root / "annotations" / "test.json", image_root=root / "images")
         n = min(len(ds), limit or len(ds))
         evaluators = {(c, d): Evaluator(coco=False) for c in changes for d in diameters}
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sources", default="bbbc038,sbsst265,monuseg")
     p.add_argument("--changes", default=",".join(CHANGES))
     p.add_argument("--diameters", default="default", help="comma-separated diameter modes (default, shrink, auto, null)")
+    p.add_argument("--coco-root", type=Path, default=REPO / "datasets" / "coco",
+                   help="where the converted sources are (<root>/<source>/annotations/test.json)")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out images of each source")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "robustness")
@@ -149,15 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     for change in changes:
         if change not in CHANGES:
             p.error(f"unknown change {change!r}; one of {', '.join(CHANGES)}")
-    sources = [s for s in args.sources.split(",") if (REPO / "datasets" / "coco" / s / "annotations" / "test.json").is_file()]
+    sources = [s for s in args.sources.split(",") if (args.coco_root / s / "annotations" / "test.json").is_file()]
     if not sources:
-        raise SystemExit(f"none of {args.sources} is converted under datasets/coco/ (see datasets/README.md)")
+        raise SystemExit(f"none of {args.sources} is converted under {args.coco_root} (see datasets/README.md)")
     diameters = args.diameters.split(",")
 
     segmenter = load_segmenter(args.model)
     with torch.inference_mode():
         rows = run(lambda image, d: segmenter.segment(image, diameter=None if d in ("null", "native") else d),
-                   sources, changes, diameters, args.limit)
+                   sources, changes, diameters, args.limit, args.coco_root)
     command = "python bench/robustness.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(rows, args.model, command.strip())

@@ -152,6 +152,11 @@ def diameter_note(default_diameter: str | None) -> str:
                 "the nuclei, and an image whose nuclei differ from that median by more than 30 % is resized so "
                 "they have it (enlarged at most 2×); `diameter=shrink` only shrinks, `diameter=null` keeps the "
                 "native size.")
+    if default_diameter == "range":
+        return ("By default (`diameter=default`, which this model sets to `range`) a quick first pass measures "
+                "the nuclei; an image of nuclei beyond the training range below is shrunk into it, one of nuclei "
+                "more than 30 % smaller than the training median is enlarged to it (at most 2×); "
+                "`diameter=shrink` only shrinks, `diameter=null` keeps the native size.")
     return ("By default (`diameter=default`, `shrink` for this model) images of nuclei beyond the training "
             "range below are shrunk into it; `diameter=auto` or `diameter=<px>` also enlarge.")
 
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", help="the key of this model's run in --results")
     p.add_argument("--budget-min", type=float, required=True, help="total training wall time, all legs")
     p.add_argument("--legs", default="", help="comma-separated minutes of each training leg")
-    p.add_argument("--default-diameter", choices=("shrink", "auto"),
+    p.add_argument("--default-diameter", choices=("shrink", "auto", "range"),
                    help="the diameter mode diameter=default means for this model (measured on held-out images; "
                         "none: shrink)")
     p.add_argument("--max-mb", type=float, default=25.0)

@@ -222,7 +222,7 @@ class Segmenter:
     @property
     def default_diameter(self) -> str:
         """The ``diameter`` mode that ``diameter="default"`` means for this model: the one its
-        checkpoint recommends (``auto`` for ``nuclei_he``), else ``shrink``."""
+        checkpoint recommends (``range`` for ``nuclei``, ``auto`` for ``nuclei_he``), else ``shrink``."""
         from cellrcnn.inference.scale import resolve_diameter
 
         return resolve_diameter("default", getattr(self.module, "default_diameter", None))
@@ -230,7 +230,7 @@ class Segmenter:
     def _predict_native(self, raw: np.ndarray, progress: bool, quick: bool = False,
                         polarity: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Labels and scores of ``raw`` at its own size; ``quick``: one view only (a U-Net's
-        test-time flips off), for the measuring pass of ``diameter=shrink`` and ``auto``."""
+        test-time flips off), for the measuring pass of ``diameter=shrink``, ``auto`` and ``range``."""
         from cellrcnn.inference.predictor import prediction_fn
         from cellrcnn.inference.tiling import predict_image
 
@@ -289,7 +289,8 @@ class Segmenter:
             image: an H×W or H×W×C array (any dtype), or the path of an image file.
             diameter: ``"default"`` (the model's recommended mode: :attr:`default_diameter`),
                 ``"shrink"`` (images of objects larger than the training size are shrunk to it),
-                ``"auto"`` (also enlarged when smaller), None or ``"native"`` (native size), or the
+                ``"range"`` (also enlarged when much smaller), ``"auto"`` (resized to the training
+                size either way), None or ``"native"`` (native size), or the
                 objects' typical diameter in pixels (see :mod:`cellrcnn.inference.scale`).
             channel: segment only this channel of a multi-channel image.
             pixel_size: µm per pixel: the ``table`` in µm and µm².

@@ -114,13 +114,14 @@ def require_values(cfg: DictConfig, command: str, **meaning: str) -> None:
 
 
 def check_diameter_value(diameter) -> None:
-    """``diameter`` is null (or ``native``), ``default``, ``shrink``, ``auto`` or a positive number of pixels."""
-    if diameter is None or diameter in ("auto", "shrink", "default", "native"):
+    """``diameter`` is null (or ``native``), ``default``, ``shrink``, ``auto``, ``range`` or a positive number of pixels."""
+    if diameter is None or diameter in ("auto", "shrink", "range", "default", "native"):
         return
     if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or diameter <= 0:
         raise UsageError(f"diameter={diameter}", "diameter is the objects' typical diameter in pixels (e.g. 30), "
                          "default (the model's recommended mode), shrink (images of objects larger than the training "
-                         "ones shrunk), auto (measured per image, shrunk or enlarged) or null / native (native size)")
+                         "ones shrunk), auto (measured per image, shrunk or enlarged), range (shrunk as shrink does, "
+                         "enlarged as auto does) or null / native (native size)")
 
 
 def check_dataset(datamodule, splits: tuple[str, ...], data_choice: str | None = None) -> dict[str, int]:

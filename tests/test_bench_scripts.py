@@ -146,20 +146,33 @@ def test_shipped_model_loads_and_finds_synthetic_nuclei():
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")
-def test_scale_robustness_smoke(tmp_path):
-    """The shipped model records its training object size, and the benchmark scores every factor
-    at the native size and with diameter=auto."""
+def test_robustness_changes_images_as_another_microscope_would_and_scores_each(tmp_path):
+    """Every change keeps the image's size (magnification resizes image and truth together), and
+    the benchmark scores each source under each change and diameter mode with the shipped model."""
     from cellrcnn.data.synthetic import generate_dataset
     from cellrcnn.modules.base import load_module
 
+    bench = _load_script("robustness")
+    raw = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    for change in bench.CHANGES:
+        if change not in bench.SCALE:
+            assert bench.change_image(raw, change, np.random.default_rng(1)).shape == raw.shape
+    camera = bench.change_image(raw, "camera16", np.random.default_rng(1))
+    assert camera.dtype == np.uint16 and camera.min() >= 100 and camera.max() <= 1100
+    vignette = bench.change_image(np.full((40, 50), 200, np.uint8), "vignette", np.random.default_rng(1))
+    assert int(vignette[20, 25]) == pytest.approx(200, abs=1) and int(vignette[0, 0]) == pytest.approx(100, abs=6)
+
     assert 8 < load_module(WEIGHTS).object_diameter < 40  # DSB2018 nuclei: a median of about 17 px
-    root = generate_dataset(tmp_path / "syn", n_train=1, n_val=1, n_test=2, size=96, seed=3)
-    _load_script("scale_robustness").main(["--root", str(root), "--split", "test", "--factors", "0.5,1",
-                                           "--threads", "1", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "scale_robustness.json").read_text())["rows"]
-    assert {(r["factor"], r["mode"]) for r in rows} == {(0.5, "native"), (0.5, "auto"), (1.0, "native"), (1.0, "auto")}
-    assert all(0.0 <= r["dsb_score"] <= 1.0 for r in rows)
-    assert "| 0.5× | auto |" in (tmp_path / "scale_robustness.md").read_text()
+    generate_dataset(tmp_path / "coco" / "syn", n_train=1, n_val=1, n_test=2, size=96, seed=3)
+    bench.main(["--model", str(WEIGHTS), "--coco-root", str(tmp_path / "coco"), "--sources", "syn,absent",
+                "--changes", "none,half,blur", "--diameters", "default,null", "--threads", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "robustness.json").read_text())["rows"]
+    assert {(r["source"], r["change"], r["diameter"]) for r in rows} == {
+        ("syn", c, d) for c in ("none", "half", "blur") for d in ("default", "null")}
+    assert all(0.0 <= r["dsb_score"] <= 1.0 and r["n_images"] == 2 for r in rows)
+    by = {(r["change"], r["diameter"]): r for r in rows}
+    assert by["none", "null"]["f1@0.5"] > 0.5  # the shipped model finds the procedural nuclei
+    assert "| syn | half: 2× lower magnification | default | 2 |" in (tmp_path / "robustness.md").read_text()
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="no shipped model in cellrcnn/weights")

@@ -68,6 +68,18 @@ def test_no_augmentation_gives_dataset_samples(root):
         assert torch.equal(seen[target["image_id"]], image) and image.shape == (1, 96, 96)
 
 
+def test_acquisition_jitter_only_on_augmented_training_samples(root):
+    from cellrcnn.data.transforms import AcquisitionJitter
+
+    def jitter(dm):
+        dm.setup("fit")
+        transforms = getattr(dm.datasets["train"], "transforms", None)
+        return [t.p for t in getattr(transforms, "transforms", []) if isinstance(t, AcquisitionJitter)]
+
+    assert jitter(CellDataModule(root, acquisition_p=0.25)) == [0.25]
+    assert jitter(CellDataModule(root)) == [] and jitter(CellDataModule(root, acquisition_p=0.25, augment=False)) == []
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_batches_deterministic_under_seed(root, workers):
     runs = []

@@ -65,6 +65,18 @@ def test_training_crops_follow_each_images_factor(roots):
     assert tuple(image.shape) == (3, 64, 64) and 0 < len(target["masks"]) <= n_native
 
 
+def test_every_source_is_degraded_when_acquisition_p_is_set(roots):
+    from cellrcnn.data.transforms import AcquisitionJitter
+
+    dm = _module(roots, acquisition_p=0.4)
+    dm.setup("fit")
+    for part in dm.datasets["train"].datasets:
+        steps = part._transforms(part.factors[0]).transforms
+        assert [t.p for t in steps if isinstance(t, AcquisitionJitter)] == [0.4]
+    with pytest.raises(ValueError, match="acquisition_p"):
+        _module(roots, acquisition_p=1.5)
+
+
 def test_one_validation_loader_per_source_with_ids_kept_apart(roots):
     dm = _module(roots)
     loaders = dm.val_dataloader()

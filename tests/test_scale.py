@@ -211,6 +211,38 @@ def test_shrink_measures_at_half_size_and_only_shrinks_objects_beyond_the_traini
     assert info == {"factor": 1.0} and len(model.shapes) == 1
 
 
+def test_range_enlarges_as_auto_and_shrinks_only_as_shrink():
+    """range shrinks only objects beyond the training range, to its 95th percentile, as shrink does
+    (measured at half size), and enlarges objects much smaller than the training median as auto
+    does (measured again at native size, where small objects stay visible); objects between are
+    predicted at native size."""
+    profile = {"object_diameter_px": {"p5": 8.0, "p50": 19.0, "p95": 36.0, "p99": 50.0}}
+    expected = {10: 1.9, 30: 1.0, 45: 1.0, 72: 0.5}  # auto would give 1.9, 0.63, 0.42, 0.26
+    for diameter, factor in expected.items():
+        model, quick = ThresholdModel(), ThresholdModel()
+        image = disks(diameter, grid=8 if diameter < 60 else 4)
+        labels, _, info = predict_at_diameter(image, model, "range", 19, probe_fn=quick, profile=profile)
+        half = tuple(round(n / 2) for n in image.shape)
+        # shrink's half-size pass first; a second one at native size only where objects may be small
+        assert quick.shapes == ([half, image.shape] if diameter < 19 else [half])
+        assert info["measured_diameter"] == pytest.approx(diameter, abs=2)
+        assert info["factor"] == pytest.approx(factor, abs=0.05), diameter
+        assert len(model.shapes) == 1 and labels.shape == image.shape and labels.max() == (8 if diameter < 60 else 4) ** 2
+        if factor != 1.0:
+            assert model.shapes[0][0] == pytest.approx(image.shape[0] * info["factor"], abs=1)
+    # objects the model splits at native size read small there: the half-size pass keeps them whole
+    def splitting(raw):
+        labels, n = ndimage.label(raw > 100)
+        if max(raw.shape) > 300:  # at native size every disk is cut in two
+            labels = labels * 2 - (np.indices(raw.shape)[1] % 2 == 0) * (labels > 0)
+        return labels.astype(np.uint32), np.ones(int(labels.max()), np.float32)
+    image = disks(40, grid=6)  # 432 px: 40-px disks, whole at half size (216 px)
+    _, _, info = predict_at_diameter(image, splitting, "range", 19, profile=profile)
+    assert info["factor"] == 1.0 and info["measured_diameter"] == pytest.approx(40, abs=2)
+    with pytest.raises(ValueError, match="object_diameter"):
+        check_diameter("range", None, "my.ckpt")
+
+
 def test_shrink_measures_a_large_image_on_its_central_window(monkeypatch):
     import cellrcnn.inference.scale as scale
 
@@ -261,7 +293,8 @@ def test_auto_on_an_image_too_large_to_enlarge_keeps_its_first_pass(monkeypatch)
 def test_default_diameter_is_the_models_recommendation():
     assert resolve_diameter("default", None) == "shrink"  # a checkpoint that recommends nothing
     assert resolve_diameter("default", "auto") == "auto"
-    for explicit in ("shrink", "auto", None, 30):  # what the user says wins
+    assert resolve_diameter("default", "range") == "range"
+    for explicit in ("shrink", "auto", "range", None, 30):  # what the user says wins
         assert resolve_diameter(explicit, "auto") == explicit
     assert resolve_diameter("native", "auto") is None  # null's other name (forms, commands)
     check_diameter("default", None)  # resolved per model later; valid for any checkpoint

@@ -7,6 +7,7 @@ import pytest
 
 from cellrcnn.data.masks import masks_to_boxes_xyxy
 from cellrcnn.data.transforms import (
+    AcquisitionJitter,
     Compose,
     IntensityJitter,
     RandomCrop,
@@ -172,6 +173,33 @@ def test_intensity_jitter_known_answers():
         image, target, np.random.default_rng(0)
     )
     np.testing.assert_allclose(out[0], image[0] ** 2 * 3 + 0.5)
+
+
+def test_acquisition_jitter_blurs_within_each_channel_and_adds_poisson_noise():
+    image, target = _sample()
+    same, kept = AcquisitionJitter(p=0.0)(image, target, np.random.default_rng(0))
+    assert same is image and kept is target
+    blurred, kept = AcquisitionJitter(p=1.0, blur_sigma=(1.5, 1.5), blur_p=1.0, noise_p=0.0)(
+        image, target, np.random.default_rng(0))
+    assert kept is target and blurred.shape == image.shape
+    # each channel is blurred on its own: the column ramp stays a ramp, the masks' edges soften,
+    # and no light moves between channels (their sums stay put, up to the reflected borders)
+    np.testing.assert_allclose(blurred[2, 25, 10:60], image[2, 25, 10:60], atol=1e-4)
+    assert 0.1 < blurred[0, 10, 19] < 0.9 and image[0, 10, 19] == 1
+    np.testing.assert_allclose(blurred[:2].sum(axis=(1, 2)), image[:2].sum(axis=(1, 2)), rtol=0.02)
+    flat = np.full((1, 200, 200), 0.5, np.float32)
+    noisy, _ = AcquisitionJitter(p=1.0, blur_p=0.0, photons=(20, 20), noise_p=1.0)(flat, target, np.random.default_rng(1))
+    # Poisson counts at 0.5 × 20 photons: mean 0.5, standard deviation sqrt(10) / 20
+    assert abs(noisy.mean() - 0.5) < 0.01 and abs(noisy.std() - np.sqrt(10) / 20) < 0.01
+    assert np.allclose(noisy * 20, np.round(noisy * 20), atol=1e-4)  # whole photon counts
+
+
+def test_acquisition_jitter_is_off_unless_asked():
+    assert not any(isinstance(t, AcquisitionJitter) for t in build_train_transforms().transforms)
+    steps = build_train_transforms(acquisition_p=0.3).transforms
+    jitter = [t for t in steps if isinstance(t, AcquisitionJitter)]
+    assert len(jitter) == 1 and jitter[0].p == 0.3
+    assert isinstance(steps[-1], IntensityJitter)  # the optics and photons come before the camera's gain
 
 
 def test_transforms_are_deterministic_under_a_seed():

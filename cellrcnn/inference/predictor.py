@@ -161,7 +161,7 @@ def prediction_fn(model, quick: bool = False):
     """What predicts a list of C×H×W images with ``model`` for tiling
     (:func:`cellrcnn.inference.tiling.predict_image`): a predictor's ``predict_labels`` (label
     images) or a Lightning module's ``predict_instances``; ``quick``: one view only (a U-Net's
-    test-time flips off), for the measuring pass of ``diameter=shrink`` and ``auto``."""
+    test-time flips off), for the measuring pass of ``diameter=shrink``, ``auto`` and ``range``."""
     fn = getattr(model, "predict_labels", None) or model.predict_instances
     return functools.partial(fn, tta=False) if quick and hasattr(model, "tta") else fn
 

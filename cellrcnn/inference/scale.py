@@ -24,11 +24,22 @@ its objects have the training size, predict, and resize the labels back.
   splits 110-180 px nuclei of 40x-63x fields, which it predicts better and up to 16 times faster
   shrunk (held-out S-BSST265 fields: bench/results/predict_speed).
 
+- ``diameter=range`` (``nuclei``'s default): objects outside the sizes the model knows are
+  brought into them: shrunk as ``shrink`` shrinks, enlarged as ``auto`` enlarges. ``shrink``'s
+  half-size pass measures first; unless it finds objects to shrink or objects at least the
+  training median, a second quick pass at native size, where small objects are seen, decides
+  the enlargement. (Measured at native size alone, nuclei of 200-400 px that the model splits
+  read small and were enlarged further.) Held-out DSB2018 fields at half magnification score
+  dsb_score 0.42 with ``shrink`` and 0.49 with ``auto``, which loses 0.01 at the native
+  magnification by shrinking fields of 30-50 px nuclei the model segments well as they are
+  (bench/results/robustness).
+
 - ``diameter=default`` (what ``predict.py``, ``evaluate.py``, the API and the service use unless
   told otherwise): the mode the model's checkpoint recommends (hyper-parameter
   ``default_diameter``, written when a model is shipped), else ``shrink``. ``nuclei_he`` records
   ``auto``: it trained on H&E tissue resized towards one nucleus size, and held-out 40x tissue
-  at native size has nuclei smaller than that (MoNuSeg pq@0.5 0.445 with shrink, 0.502 with auto).
+  at native size has nuclei smaller than that (MoNuSeg pq@0.5 0.445 with shrink, 0.502 with auto);
+  ``nuclei`` records ``range``.
 
 ``model_diameter`` is the median equivalent diameter of the training objects, recorded in the
 checkpoint by ``train.py`` (hyper-parameter ``object_diameter``).
@@ -59,12 +70,13 @@ FACTOR_LIMITS = (0.25, 4.0)  # beyond these the image loses its objects or grows
 AUTO_MAX_ENLARGEMENT = 2.0  # auto: a first pass that mistakes noise for tiny objects must not blow an image up 16-fold
 MAX_RESIZED_PIXELS = 1 << 25  # an image is not enlarged beyond ~34 megapixels (time and memory)
 SHRINK = "shrink"  # the diameter mode of a model that recommends none
+AUTO, RANGE = "auto", "range"
 DEFAULT = "default"  # the model's recommended mode (predict.py, evaluate.py, the API and the service)
 NATIVE = "native"  # another name of None (native size), for forms and commands where null is awkward
 # shrink without a training profile in the checkpoint: these multiples of the median stand in
 # for the training diameters' 95th and 99th percentiles (1.8-2.0x and 2.6-2.9x for the shipped models)
 SHRINK_TO, SHRINK_ABOVE = 2.0, 2.8
-MODES = ("auto", SHRINK)
+MODES = (AUTO, SHRINK, RANGE)
 # shrink's measuring pass: at half size the objects it would shrink (beyond the training 99th
 # percentile, about 2.8x the median) still appear at 1.4x the training median or more, a size the
 # model segments well; the pass costs a sixteenth of a default prediction
@@ -165,7 +177,7 @@ def check_diameter(diameter: float | str | None, model_diameter: float | None, c
     if diameter in (None, DEFAULT, NATIVE) or (diameter == SHRINK and not model_diameter):
         return  # shrink needs the training size; a checkpoint without it predicts at native size
     if diameter not in MODES and not (isinstance(diameter, (int, float)) and diameter > 0):
-        raise UsageError(f"diameter must be a positive number of pixels, auto, shrink, default or null "
+        raise UsageError(f"diameter must be a positive number of pixels, auto, shrink, range, default or null "
                          f"(native), got {diameter!r}")
     if not model_diameter:
         raise UsageError(
@@ -207,15 +219,15 @@ def shrink_sizes(model_diameter: float, profile: Mapping | None = None) -> tuple
 
 
 def mode_factor(mode: str, measured: float | None, model_diameter: float, profile: Mapping | None = None) -> float:
-    """The resize that ``shrink`` or ``auto`` gives an image whose objects' median diameter is
+    """The resize that ``shrink``, ``auto`` or ``range`` gives an image whose objects' median diameter is
     ``measured`` (None: too few objects to measure): 1.0 for sizes the model knows."""
     if measured is None:
         return 1.0
-    if mode == SHRINK:
-        to, above = shrink_sizes(model_diameter, profile)
-        return scale_factor(measured, to) if measured > above else 1.0
     factor = min(scale_factor(measured, model_diameter), AUTO_MAX_ENLARGEMENT)
-    return 1.0 if 1 / TOLERANCE <= factor <= TOLERANCE else factor
+    if mode == AUTO or (mode == RANGE and factor > TOLERANCE):
+        return 1.0 if 1 / TOLERANCE <= factor <= TOLERANCE else factor
+    to, above = shrink_sizes(model_diameter, profile)  # shrink, and range for all but small objects
+    return scale_factor(measured, to) if measured > above else 1.0
 
 
 def predict_at_diameter(
@@ -227,12 +239,12 @@ def predict_at_diameter(
     Args:
         raw: H×W(×C) image as read from disk.
         label_fn: the native predictor, ``raw -> (labels H×W, scores N)``.
-        diameter: None (native size), the objects' typical diameter in pixels, ``"auto"`` or
-            ``"shrink"`` (native size without a ``model_diameter``).
+        diameter: None (native size), the objects' typical diameter in pixels, ``"auto"``,
+            ``"range"`` or ``"shrink"`` (native size without a ``model_diameter``).
         model_diameter: the training objects' median diameter (the checkpoint's ``object_diameter``).
-        probe_fn: the quick predictor (one view) of the measuring pass of ``shrink`` and ``auto``;
-            default ``label_fn``.
-        profile: the model's training profile, for ``shrink``'s sizes (:func:`shrink_sizes`).
+        probe_fn: the quick predictor (one view) of the measuring pass of ``shrink``, ``auto`` and
+            ``range``; default ``label_fn``.
+        profile: the model's training profile, for the sizes ``shrink`` and ``range`` shrink (:func:`shrink_sizes`).
 
     Returns:
         ``labels`` (the image's own size), ``scores`` and ``info``: ``factor`` (the resize
@@ -246,21 +258,27 @@ def predict_at_diameter(
         return labels, scores, {"factor": 1.0}
     info: dict = {}
     first = None  # auto's native prediction, when it measured with the full predictor
-    if diameter == SHRINK:
+    if diameter in (SHRINK, RANGE):
         measured = probe_diameter(raw, probe_fn or label_fn)
         info["measured_diameter"] = None if measured is None else round(measured, 2)
         factor = mode_factor(SHRINK, measured, model_diameter, profile)
+        if diameter == RANGE and factor == 1.0 and (measured is None or measured < model_diameter):
+            # small objects vanish at half size: they are measured again at native size. Large ones
+            # are not, since at native size the model splits them and they would read small.
+            measured = probe_diameter(raw, probe_fn or label_fn, factor=1.0, min_side=0)
+            info["measured_diameter"] = None if measured is None else round(measured, 2)
+            factor = max(1.0, mode_factor(RANGE, measured, model_diameter, profile))
         if factor == 1.0:  # objects of sizes the model knows: native size
             labels, scores = label_fn(raw)
             return labels, scores, {"factor": 1.0, **info}
-    elif diameter == "auto":
+    elif diameter == AUTO:
         if probe_fn is None:  # the full native prediction measures, and stands when it needs no resizing
             first = label_fn(raw)
             measured = median_diameter(first[0])
         else:  # small objects are measured at native size, on one view of the central window
             measured = probe_diameter(raw, probe_fn, factor=1.0, min_side=0)
         info["measured_diameter"] = None if measured is None else round(measured, 2)
-        factor = mode_factor("auto", measured, model_diameter)
+        factor = mode_factor(AUTO, measured, model_diameter)
         if factor == 1.0:
             labels, scores = first or label_fn(raw)
             return labels, scores, {"factor": 1.0, **info}

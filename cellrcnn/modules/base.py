@@ -94,7 +94,7 @@ class InstanceSegModule(L.LightningModule):
             ``invert_bright``, recorded when fitting starts); inference prepares images the same way.
         hematoxylin (likewise): whether colour-stained tissue was fed as its hematoxylin density.
         default_diameter (likewise): the ``diameter`` mode ``predict.py diameter=default`` uses
-            with this model (``shrink`` or ``auto``; None: shrink), set when a model is shipped.
+            with this model (``shrink``, ``range`` or ``auto``; None: shrink), set when a model is shipped.
     """
 
     def __init__(

@@ -106,8 +106,8 @@ SEGMENT_FORM = {
                          "description": "the image: PNG, TIFF, JPEG or BMP; 8/16-bit, grey or colour"},
                 "model": {"type": "string", "description": "a name from GET /models (default: the server's model)"},
                 "diameter": {"type": "string", "description": "typical object diameter in pixels, auto, native, "
-                                                              "shrink, or default (empty: the model's "
-                                                              "recommended mode, shrink or auto)"},
+                                                              "shrink, range, or default (empty: the model's "
+                                                              "recommended mode: range, auto or shrink)"},
                 "polarity": {"type": "string", "description": "bright (nuclei brighter than the background: "
                                                               "fluorescence), dark (brightfield) or auto (empty: "
                                                               "read from the image)"},
