@@ -190,6 +190,9 @@ def big_squares() -> tuple[torch.Tensor, dict]:
     ("auto", 15.0, 47),     # brought to the model's 15 px: 15 / 40.6 of 128
     (None, 14.0, 88),       # shrink (the default mode): beyond 2.8x the model's 14 px, brought to 2x it
     ("shrink", 15.0, 128),  # 40.6 px is within 2.8x of 15 px: native size
+    ("range", 14.0, 88),    # range shrinks as shrink does
+    ("range", 40.0, 128),   # and enlarges only objects more than 30 % below the median: native size
+    ("range", 60.0, 189),   # 40.6 px against 60: enlarged 1.48x, as auto would
     ("auto", None, 128),    # a model without a training size: native size
 ])
 def test_calibration_sees_each_image_at_the_size_prediction_gives_it(mode, object_diameter, side):
