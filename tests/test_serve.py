@@ -147,7 +147,7 @@ def test_bad_inputs_get_4xx_saying_what_is_wrong(app):
         (post(app, too_many_pixels.getvalue(), filename="big.png"), 422, "400×400 pixels exceeds the limit of 0.1"),
         (post(app, disks_png(1), model="nuclei_../../x"), 422, "unknown model 'nuclei_../../x'; available: auto, nuclei"),
         (post(app, disks_png(1), fmt="jpeg"), 422, "unknown format 'jpeg'; choose from tiff, png"),
-        (post(app, disks_png(1), diameter="-3"), 422, "diameter must be a positive number or auto or shrink or default or native"),
+        (post(app, disks_png(1), diameter="-3"), 422, "diameter must be a positive number or auto or shrink or range or default or native"),
         (post(app, disks_png(1), pixel_size="nan"), 422, "pixel_size must be a positive number"),
         (post(app, disks_png(1), polarity="up"), 422, "polarity must be one of auto, bright, dark"),
         (post(app, b""), 422, "empty file"),

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from cellrcnn import __version__
-from cellrcnn.inference.scale import DEFAULT, NATIVE, SHRINK
+from cellrcnn.inference.scale import DEFAULT, MODES, NATIVE
 from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS, formats_help, render_file, result_json
 from cellrcnn.serve.uploads import (
@@ -75,7 +75,7 @@ def _parse_number(fields: dict[str, str], name: str, words: tuple[str, ...] = ()
 def _parse_diameter(fields: dict[str, str]) -> float | str | None:
     """The diameter field: empty means the model's recommended mode, predict.py's default; native
     means no resizing."""
-    value = _parse_number(fields, "diameter", ("auto", SHRINK, DEFAULT, NATIVE))
+    value = _parse_number(fields, "diameter", (*MODES, DEFAULT, NATIVE))
     return DEFAULT if value is None else value  # the segmenter resolves default and native
 
 
