@@ -52,12 +52,15 @@ def test_available_models_lists_every_checkpoint_of_a_folder(tmp_path):
 
 
 def test_default_diameter_follows_the_checkpoint(segmenter, tmp_path):
-    """A shipped model that recommends diameter=auto (nuclei_he) gets it by default: small nuclei
-    are measured and enlarged; the shipped nuclei keeps shrink, and an explicit mode wins."""
+    """A model that recommends diameter=auto (nuclei_he) gets it by default: small nuclei are
+    measured and enlarged; the shipped nuclei recommends range, which enlarges them too; one that
+    recommends nothing gets shrink, which never enlarges; an explicit mode wins."""
     import torch
 
     ckpt = torch.load(available_models()["nuclei"], map_location="cpu", weights_only=False)
-    assert "default_diameter" not in ckpt["hyper_parameters"]
+    assert ckpt["hyper_parameters"]["default_diameter"] == "range"
+    ckpt["hyper_parameters"].pop("default_diameter")
+    torch.save(ckpt, tmp_path / "nuclei_none.ckpt")
     ckpt["hyper_parameters"]["default_diameter"] = "auto"
     torch.save(ckpt, tmp_path / "nuclei_auto.ckpt")
     recommending = Segmenter.from_checkpoint(tmp_path / "nuclei_auto.ckpt")
@@ -69,7 +72,10 @@ def test_default_diameter_follows_the_checkpoint(segmenter, tmp_path):
     assert result.info["median_diameter"] == pytest.approx(10, abs=1.5)  # of the objects returned
     explicit = recommending.segment(small, diameter="shrink").info  # shrink never enlarges
     assert explicit["diameter"] == "shrink" and explicit["factor"] == 1.0
-    assert segmenter.default_diameter == "shrink" and segmenter.segment(small).info["diameter"] == "shrink"
+    shipped = segmenter.segment(small).info
+    assert segmenter.default_diameter == "range" and shipped["diameter"] == "range" and shipped["factor"] > 1.3
+    silent = Segmenter.from_checkpoint(tmp_path / "nuclei_none.ckpt")
+    assert silent.default_diameter == "shrink" and silent.segment(small).info["factor"] == 1.0
 
 
 def test_segment_counts_separated_disks(segmenter):

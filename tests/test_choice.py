@@ -82,7 +82,7 @@ def test_auto_segmenter_picks_a_model_per_image_and_reports_it(tmp_path):
     assert fluo.info["model"] == "nuclei" and fluo.info["model_choice"] == "fluorescence image"
     assert stained.info["checkpoint"] == str(tmp_path / "nuclei_he.ckpt")  # the file that predicted it
     assert isinstance(fluo.info["warnings"], list)
-    # diameter="default" is each model's own mode: these copies recommend none, so shrink
-    assert auto.default_diameter == {"nuclei": "shrink", "nuclei_he": "shrink"}
+    # diameter="default" is each model's own mode: these copies of nuclei recommend range
+    assert auto.default_diameter == {"nuclei": "range", "nuclei_he": "range"}
     with pytest.raises(ValueError, match="no shipped model"):
         AutoSegmenter(weights_dir=tmp_path / "empty")
