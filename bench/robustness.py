@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         rows = run(lambda image, d: segmenter.segment(image, diameter=None if d in ("null", "native") else d),
                    sources, changes, diameters, args.limit, args.coco_root)
-    command = "python bench/robustness.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(rows, args.model, command.strip())
     (args.out / "robustness.md").write_text(text)
