@@ -2,7 +2,7 @@
 
     python bench/heldout_check.py [--out bench/results/heldout] [--threads 2]
 
-Writes a few images of the benchmark's held-out split (``dsb_val10``: fluorescence, brightfield
+Writes a few images of the converted DSB2018's held-out split (``test``: fluorescence, brightfield
 and H&E-stained tissue) as 8-bit PNG and as 16-bit TIFF, with their ground truth as label TIFFs,
 then runs exactly what a user would:
 
@@ -38,7 +38,7 @@ def export(root: Path, ids: tuple[str, ...], out: Path) -> list[dict]:
     from cellrcnn.data.masks import masks_to_label_image
     from cellrcnn.io import write_label_image
 
-    ds = CocoInstanceDataset(root / "annotations" / "dsb_val10.json", image_root=root / "images", channels=1)
+    ds = CocoInstanceDataset(root / "annotations" / "test.json", image_root=root / "images", channels=1)
     by_stem = {Path(im["file_name"]).stem: i for i, im in enumerate(ds.images)}
     rows = []
     for d in ("png", "tif16", "gt"):
