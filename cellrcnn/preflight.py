@@ -168,7 +168,7 @@ def check_training(cfg: DictConfig, datamodule) -> None:
                 raise UsageError(f"{path}: no such annotation file (source {source.name!r})",
                                  f"convert it first: cellrcnn convert {source.name} --src DOWNLOAD --out {source.root}")
         return
-    choice = _hydra_choice("data")
+    choice = hydra_choice("data")
     counts = check_dataset(datamodule, ("train", "val", "test") if cfg.get("test") else ("train", "val"), choice)
     if counts.get("train") == 0:
         raise UsageError(f"{datamodule.annotation_file('train')}: the training split holds no images",
@@ -181,7 +181,7 @@ def check_training(cfg: DictConfig, datamodule) -> None:
                   f"data.{split}_split at a COCO file of other annotated images")
 
 
-def _hydra_choice(group: str) -> str | None:
+def hydra_choice(group: str) -> str | None:
     """The option chosen for a config group in the running Hydra job (None outside one)."""
     try:
         from hydra.core.hydra_config import HydraConfig

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from .config import CONF_DIR, compose_config  # noqa: F401  (re-exported for notebooks and tests)
 from .evaluation.tables import metrics_table
-from .preflight import check_training
+from .preflight import check_training, hydra_choice
 from .viz import save_png
 
 
@@ -176,6 +176,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if model.last_overlay is not None:
             save_png(out_dir / "test_overlay_tp_fp_fn.png", model.last_overlay)
         print("\n" + table)
+        # the test step sees images as validation does (mixed sources: resized by their annotated
+        # nucleus size); evaluate.py predicts as predict.py does, measuring the sizes itself
+        data = hydra_choice("data") or "<the same data>"
+        print(f"\nScored at the training scale, as validation is; scored as predict.py predicts: "
+              f"python evaluate.py ckpt_path={tested} data={data} split=test")
         print(f"\nrun folder: {out_dir}  (wall time {time.perf_counter() - start:.0f} s since start of run)")
     return {**validation, **metrics}
 

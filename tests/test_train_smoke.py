@@ -69,9 +69,12 @@ def test_final_weights_saved_without_a_new_best(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
-def test_train_then_test_writes_metrics(tmp_path):
+def test_train_then_test_writes_metrics(tmp_path, capsys):
     cfg = compose_config("train", tiny_overrides(tmp_path, "trainer.max_steps=2", "test_weights=final"), tmp_path)
     metrics = run(cfg)
+    # the test table says how to score the weights as predict.py predicts
+    hint = f"python evaluate.py ckpt_path={tmp_path / 'checkpoints' / 'calibrated.ckpt'} data=synthetic split=test"
+    assert hint in capsys.readouterr().out
     assert 0.0 <= metrics["test/dsb_score"] <= 1.0
     assert metrics["test/n_images"] == 2
     assert (tmp_path / "metrics.md").read_text().startswith("**default: test split")
