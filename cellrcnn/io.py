@@ -83,10 +83,14 @@ def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        # pages written one at a time (tifffile's append=True, many acquisition scripts) are a
+        # series each: the series shaped as the first are the file's pages, never its first alone
+        alike = [s for s in tif.series if s.shape == series.shape and s.dtype == series.dtype]
         page = series.keyframe
-        _check_pixels(path, int(np.prod(series.shape)), f"the {series.axes} series {series.shape}")
-        data = series.asarray()
-        axes = series.axes
+        _check_pixels(path, int(np.prod(series.shape)) * len(alike),
+                      f"the {series.axes} series {series.shape}" + (f" (×{len(alike)})" if len(alike) > 1 else ""))
+        data = np.stack([s.asarray() for s in alike]) if len(alike) > 1 else series.asarray()
+        axes = "Q" + series.axes if len(alike) > 1 else series.axes
         photometric = int(page.photometric)
         extras = tuple(int(e) for e in (page.extrasamples or ()))
     # WhiteIsZero bilevel files (BBBC009 outlines) are returned as stored bits;
@@ -135,6 +139,13 @@ def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
     # pages of unknown meaning (tifffile's Q or I axis) may be channels, as channel=K can say;
     # z-planes or time points that the file names as such are planes
     return data, ("pages" if others[0] in "QI" else "planes"), used
+
+
+def _is_tiff(path: Path) -> bool:
+    """Whether the file starts as a TIFF or BigTIFF does; a PNG or JPEG renamed .tif (as some
+    export tools do) is then read for what it is."""
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 
 def _read_with_pil(path: Path) -> np.ndarray:
@@ -237,7 +248,7 @@ def read_image(path: str | Path, channel: int | None = None, plane: int | None =
         raise ImageReadError(f"{path}: empty file (0 bytes)")
     kind = "grey"
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if path.suffix.lower() in (".tif", ".tiff") and _is_tiff(path):
             data, kind, used = _read_tiff(path, channel)
             channel = None if used else channel
         elif path.suffix.lower() == ".npy":

@@ -302,3 +302,24 @@ def test_channel_does_not_turn_named_z_planes_into_channels(tmp_path):
         read_image(tmp_path / "z.tif", channel=0)
     assert "channel=" not in str(error.value)
     np.testing.assert_array_equal(read_image(tmp_path / "z.tif", plane=3), stack[3])
+
+
+def test_pages_written_one_at_a_time_are_pages_not_their_first(tmp_path):
+    """A TIFF whose pages were appended one by one (a series per page, no stack metadata) asks
+    for plane=K like any stack, instead of being read as its first page."""
+    stack = RNG.integers(0, 255, (3, 12, 14), dtype=np.uint8)
+    for page in stack:
+        tifffile.imwrite(tmp_path / "pages.tif", page, append=True)
+    with pytest.raises(ImageReadError, match=r"pages.tif: 3 pages .*plane=K \(0..2\)"):
+        read_image(tmp_path / "pages.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "pages.tif", plane=1), stack[1])
+    # a file of one page and a thumbnail of another shape is one image
+    tifffile.imwrite(tmp_path / "thumb.tif", stack[0])
+    tifffile.imwrite(tmp_path / "thumb.tif", stack[0, ::2, ::2], append=True)
+    np.testing.assert_array_equal(read_image(tmp_path / "thumb.tif"), stack[0])
+
+
+def test_a_png_named_tif_is_read_as_the_png_it_is(tmp_path):
+    Image.fromarray(GREY8).save(tmp_path / "renamed.png")
+    (tmp_path / "renamed.png").rename(tmp_path / "renamed.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "renamed.tif"), GREY8)
