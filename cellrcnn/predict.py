@@ -194,6 +194,17 @@ def earlier_outputs(folder: Path, files: list[Path], sources: list[Path] | tuple
             "the image they are named after)": [p for p in files if p.name in paired]}
 
 
+def still_here(record: dict | None, out: Path, rewritten: set[str]) -> list[dict]:
+    """The image entries of an earlier run's record (its own and those it carried) whose label
+    image is still in ``out`` and was not rewritten by this run: outputs that stay beside this run's,
+    kept in its record as ``earlier_images`` so that no file there is left without its story."""
+    if not record:
+        return []
+    entries = [*record["images"], *(e for e in record.get("earlier_images", []) if isinstance(e, dict))]
+    return [e for e in entries if isinstance(e.get("labels"), str) and (out / Path(e["labels"]).name).is_file()
+            and not ({Path(e["labels"]).name, *_names(e.get("outputs"))} & rewritten)]
+
+
 def _some(names: list[str]) -> str:
     return ", ".join(names[:NAMED]) + (f" and {len(names) - NAMED} more" if len(names) > NAMED else "")
 
@@ -346,6 +357,7 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    previous = read_record(out / RECORD)  # replaced at the end: what it says of files that stay is carried on
     images, others, ignored = gather_inputs(Path(cfg.input), out)  # an earlier run's outputs left out
     protect_inputs([*images, *others])  # no output may replace an input (same folder, symlinks)
     ours, kept = output_folder_files(out, images)
@@ -433,7 +445,13 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
         summary["outputs"] += tables_written
         if "is_anomalous" in table and {"geojson", "imagej"} & set(cfg.get("exports") or ()):
             flag_anomalies_in_exports(out, summary["images"], table, {"geojson", "imagej"} & set(cfg.exports))
-    atomic_write(out / "predictions.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    earlier = still_here(previous, out, {name for entry in summary["images"] for name in entry["outputs"]})
+    if earlier:
+        summary["earlier_images"] = earlier
+        say(f"{out} still holds the outputs of {_count(len(earlier), 'image')} an earlier run predicted "
+            f"({_some([Path(e['file']).name for e in earlier])}): their records are kept in predictions.json "
+            "under earlier_images, and coco_results.json lists this run's images only")
+    atomic_write(out / RECORD, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if summary["skipped"]:
         say(f"{len(summary['skipped'])} file(s) could not be read and were skipped:")
         for s in summary["skipped"]:

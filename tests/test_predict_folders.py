@@ -304,3 +304,28 @@ def test_a_run_file_no_record_lists_stops_the_run_before_any_image(tmp_path, sam
     assert isinstance(error.value, UsageError)  # the command prints it without a traceback, exit 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert "objects" not in capsys.readouterr().out  # stopped before any image was predicted
+
+
+def test_a_second_run_into_the_folder_keeps_the_story_of_the_first_runs_files(tmp_path, capsys):
+    """Run 1 predicts a and b into out/, run 2 only b: a's outputs stay, and the record still says
+    what made them (``earlier_images``); a third run that predicts a again takes it back."""
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(_nuclei(seed)).save(tmp_path / name / f"{name}.png")
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("a", "b"):
+        (both / f"{name}.png").write_bytes((tmp_path / name / f"{name}.png").read_bytes())
+    out = tmp_path / "out"
+    first = _predict(tmp_path, both, out=out)
+    capsys.readouterr()
+    second = _predict(tmp_path, tmp_path / "b", out=out)
+    said = capsys.readouterr().out
+    assert [Path(e["file"]).name for e in second["images"]] == ["b.png"]
+    carried = _record(out)["earlier_images"]
+    assert carried == [next(e for e in first["images"] if e["labels"] == "a.tif")]
+    assert "outputs of 1 image an earlier run predicted (a.png)" in said
+    _predict(tmp_path, tmp_path / "a", out=out)  # b's outputs are carried, a's are this run's again
+    record = _record(out)
+    assert [e["labels"] for e in record["images"]] == ["a.tif"]
+    assert [e["labels"] for e in record["earlier_images"]] == ["b.tif"]
