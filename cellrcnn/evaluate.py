@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .inference.scale import check_diameter, predict_at_diameter, resolve_diameter
     from .models.postprocess import labels_to_instances
     from .modules.base import load_module
+    from .preflight import check_evaluation_data
     from .viz import overlay_tp_fp_fn, save_png
 
     start = time.perf_counter()
@@ -58,6 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_score_threshold(model, cfg.get("score_threshold"))
     datamodule = instantiate(cfg.data, **input_settings(model))
     datamodule.prepare_data()
+    check_evaluation_data(datamodule, str(cfg.split))
     sets = datamodule.eval_sets(cfg.split)  # one per source
 
     diameter = resolve_diameter(cfg.get("diameter"), getattr(model, "default_diameter", None))

@@ -181,6 +181,21 @@ def check_training(cfg: DictConfig, datamodule) -> None:
                   f"data.{split}_split at a COCO file of other annotated images")
 
 
+def check_evaluation_data(datamodule, split: str) -> None:
+    """``cellrcnn evaluate``: the split to score exists, in one source at least (a source without
+    it is left out with a warning), with the conversion that writes it when it does not."""
+    if not hasattr(datamodule, "sources"):
+        check_dataset(datamodule, (split,), hydra_choice("data"))
+        return
+    missing = [(source, datamodule.source_annotation_file(source, split)) for source in datamodule.sources]
+    missing = [(source, path) for source, path in missing if not path.is_file()]
+    if len(missing) == len(datamodule.sources):
+        raise UsageError(f"no source has a {split} split: " + ", ".join(str(path) for _, path in missing),
+                         "convert them first: " + "; ".join(
+                             f"cellrcnn convert {source.name} --src DOWNLOAD --out {source.root}"
+                             for source, _ in missing))
+
+
 def hydra_choice(group: str) -> str | None:
     """The option chosen for a config group in the running Hydra job (None outside one)."""
     try:

@@ -187,6 +187,21 @@ def test_evaluate_missing_checkpoint(tmp_path):
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_evaluate_before_any_conversion_names_the_convert_command(tmp_path):
+    """Scoring a dataset that was never converted: the missing file and the command that writes it,
+    no traceback, and no run folder left behind."""
+    proc = cellrcnn("evaluate", "ckpt_path=nuclei", "data=bbbc038", "data.root=nowhere", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "nowhere/annotations/test.json: no such annotation file" in proc.stderr
+    assert "cellrcnn convert bbbc038 --src DOWNLOAD --out nowhere" in proc.stderr
+    proc = cellrcnn("evaluate", "ckpt_path=nuclei", "data=nuclei_mix", "data.sources.bbbc038.root=a",
+                    "data.sources.sbsst265.root=b", "data.sources.monuseg=null", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no source has a test split: a/annotations/test.json, b/annotations/test.json" in proc.stderr
+    assert "cellrcnn convert sbsst265 --src DOWNLOAD --out b" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "outputs").exists()
+
+
 def test_train_missing_dataset_names_the_convert_command(tmp_path):
     proc = cellrcnn("train", "data=bbbc038", "data.root=nowhere", "logger=none", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
