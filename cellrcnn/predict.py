@@ -435,7 +435,12 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
         # a field filled by bright nuclei can pass for brightfield: say so where the user looks
         seen = (" (read as dark objects on a bright background; polarity=bright if they are bright)"
                 if scaling.get("seen_as") == "inverted" and options["polarity"] == "auto" else "")
-        say(f"{path.name}: {n} objects{seen} -> {out / (stem + '.tif')}")
+        by = f" by {scaling['model']}" if segmenter.name == "auto" else ""  # the model each image went to
+        say(f"{path.name}: {n} objects{seen}{by} -> {out / (stem + '.tif')}")
+    restricted = sorted({e["model_choice"] for e in summary["images"] if "non-commercial" in e.get("model_choice", "")})
+    for reason in restricted:  # a licence is said on screen, not only in predictions.json
+        went = [Path(e["file"]).name for e in summary["images"] if e.get("model_choice") == reason]
+        say(f"{_count(len(went), 'image')} ({_some(went)}): {reason}")
     if not cfg.get("ckpt_path"):  # the shipped model(s) that predicted, not just the default one
         used = sorted({entry["checkpoint"] for entry in summary["images"]})
         summary["checkpoint"] = ", ".join(used) or summary["checkpoint"]

@@ -67,7 +67,7 @@ def test_predict_script_ends_with_every_output_and_log_line_written(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert {"ok.tif", "ok_overlay.png", "predictions.json", "coco_results.json"} <= {p.name for p in (tmp_path / "o").iterdir()}
-    report = "ok.png: 0 objects -> o/ok.tif"
+    report = "ok.png: 0 objects by nuclei -> o/ok.tif"  # model=auto names the model it chose
     assert report in proc.stdout and report in (tmp_path / "run" / "predict.log").read_text()
 
 

@@ -329,3 +329,19 @@ def test_a_second_run_into_the_folder_keeps_the_story_of_the_first_runs_files(tm
     record = _record(out)
     assert [e["labels"] for e in record["images"]] == ["a.tif"]
     assert [e["labels"] for e in record["earlier_images"]] == ["b.tif"]
+
+
+def test_model_auto_names_each_images_model_and_the_non_commercial_one_on_screen(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(_nuclei(3)).save(folder / "fluo.png")
+    he = np.zeros((64, 64, 3), np.uint8) + np.array([235, 210, 225], np.uint8)  # pink tissue, purple nuclei
+    he[10:20, 10:20] = (80, 40, 130)
+    Image.fromarray(he).save(folder / "tissue.png")
+    summary = predict_run(compose_config("predict", [f"input={folder}", f"output={tmp_path / 'out'}", "threads=1"],
+                                         tmp_path / "run"))
+    said = capsys.readouterr().out
+    assert {Path(e["file"]).name: e["model"] for e in summary["images"]} == {"fluo.png": "nuclei",
+                                                                              "tissue.png": "nuclei_he"}
+    assert " by nuclei -> " in said and " by nuclei_he -> " in said
+    assert "1 image (tissue.png): colour-stained image (H&E-like); nuclei_he's weights are for non-commercial" in said
