@@ -5,7 +5,9 @@ sequential ones do. Images are small disk fields whose object count is known."""
 import asyncio
 import io
 import json
+import re
 import shutil
+import subprocess
 import zipfile
 
 import httpx
@@ -17,6 +19,7 @@ from PIL import Image
 
 from cellrcnn.api import WEIGHTS_DIR
 from cellrcnn.serve import main
+from cellrcnn.serve.app import STATIC_DIR as STATIC
 from cellrcnn.serve.app import ServeSettings, create_app
 from cellrcnn.serve.jobs import InferencePool, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS
@@ -94,13 +97,34 @@ def test_a_request_names_another_model(app):
 
 
 def test_page_and_assets_are_served_locally(app):
-    page, js, css, docs = request(app, ("GET", "/", {}), ("GET", "/static/app.js", {}), ("GET", "/static/style.css", {}),
-                                  ("GET", "/openapi.json", {}))
-    assert page.status_code == js.status_code == css.status_code == 200
+    page, js, css, docs, api = request(app, ("GET", "/", {}), ("GET", "/static/app.js", {}),
+                                       ("GET", "/static/style.css", {}), ("GET", "/openapi.json", {}),
+                                       ("GET", "/docs", {}))
+    assert page.status_code == js.status_code == css.status_code == api.status_code == 200
     assert "/static/app.js" in page.text and "/static/style.css" in page.text and "fetch(" in js.text
     for asset in (page, js, css):  # nothing from a CDN: the page works offline
         assert "http://" not in asset.text and "https://" not in asset.text
+    assert not re.search(r'(src|href)="(https?:)?//', api.text)  # and so does the API's
     assert "multipart/form-data" in json.dumps(docs.json()["paths"]["/segment"])
+    # the API page lists every request and the form fields of /segment, with their meaning
+    for text in ("POST /segment", "GET /models", "GET /health", "<code>file</code> (required)", "<code>diameter</code>",
+                 "<code>format</code>", "typical object diameter in pixels"):
+        assert text in api.text, text
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_model_tooltips_say_what_each_model_learned_from(tmp_path):
+    """The page's model list shows each card's training sources and licence, not ``[object Object]``."""
+    js = (STATIC / "app.js").read_text()
+    title = js[js.index("function modelTitle"):js.index("async function init")]
+    card = {"licence": "CC BY-NC-SA 4.0: non-commercial use only", "trained_on": [
+        {"source": "bbbc038", "images": 500, "licence": "CC0 1.0"}, {"source": "monuseg", "images": 23,
+                                                                      "licence": "CC BY-NC-SA 4.0"}]}
+    script = title + f"console.log(modelTitle({json.dumps(card)})); console.log(modelTitle({{description: 'auto'}}));"
+    (tmp_path / "t.js").write_text(script)
+    out = subprocess.run(["node", str(tmp_path / "t.js")], capture_output=True, text=True, timeout=60).stdout
+    assert out == ("trained on bbbc038 (500 images, CC0 1.0), monuseg (23 images, CC BY-NC-SA 4.0)\n"
+                   "CC BY-NC-SA 4.0: non-commercial use only\nauto\n")
 
 
 def test_segment_json(app):

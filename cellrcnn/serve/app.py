@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from cellrcnn import __version__
 from cellrcnn.inference.scale import DEFAULT, MODES, NATIVE
+from cellrcnn.serve.apidoc import api_page
 from cellrcnn.serve.jobs import InferencePool, ModelRegistry, QueueFull, ResultCache
 from cellrcnn.serve.outputs import FORMATS, formats_help, render_file, result_json
 from cellrcnn.serve.uploads import (
@@ -141,6 +142,7 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
 
     app = FastAPI(
         title="cellrcnn", version=__version__, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # their pages load from a CDN: /docs is served from here (apidoc.py)
         description="Instance segmentation of cells and nuclei. `POST /segment` an image; the answer is "
                     f"JSON, or with `?format=` one file: {formats_help()}. The server keeps no image: a "
                     "download sends the image again (the label images of recent requests stay in memory, "
@@ -269,6 +271,10 @@ def create_app(model: str = "auto", settings: ServeSettings | None = None,
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    def api_docs(request: Request) -> HTMLResponse:
+        return HTMLResponse(api_page(app.openapi(), str(request.base_url)))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

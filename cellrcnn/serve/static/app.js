@@ -16,6 +16,13 @@ let counter = 0;
 
 const $ = (sel, root = document) => root.querySelector(sel);
 
+// a model's tooltip from its card: what it is, the data it learned from and under which licence
+function modelTitle(card) {
+  const sources = (card.trained_on || []).map((s) => `${s.source} (${s.images} images, ${s.licence})`);
+  return [card.description, sources.length ? `trained on ${sources.join(", ")}` : "", card.licence]
+    .filter(Boolean).join("\n");
+}
+
 async function init() {
   const health = await (await fetch("/health")).json();
   $("#version").textContent = health.version;
@@ -23,7 +30,7 @@ async function init() {
   const select = $("#model");
   for (const m of models.models) {
     const option = new Option(m.name, m.name, m.default, m.default);
-    option.title = m.card.trained_on || "";
+    option.title = modelTitle(m.card);
     select.add(option);
   }
   const describe = () => {
