@@ -84,9 +84,46 @@ def with_literal_paths(entry):
     @functools.wraps(entry)
     def run(*args, **kwargs):
         sys.argv[1:] = literal_paths(sys.argv[1:])
-        return entry(*args, **kwargs)
+        try:
+            return entry(*args, **kwargs)
+        except SystemExit as exc:  # Hydra said what failed; a misspelt option also gets its spelling
+            if exc.code not in (0, None):
+                for line in misspelt_options(sys.argv[1:]):
+                    print(line, file=sys.stderr)
+            raise
 
     return run
+
+
+def known_options() -> set[str]:
+    """Every top-level option and config group of the commands' configs (train, evaluate, predict)."""
+    from pathlib import Path
+
+    import yaml
+
+    here = Path(__file__).parent
+    names = set()
+    for folder in (here / "conf", here / "conf_predict"):
+        names |= {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_")}
+        for path in folder.glob("*.yaml"):
+            names |= set(yaml.safe_load(path.read_text()) or {})
+    return names - {"defaults"}
+
+
+def misspelt_options(argv: list[str]) -> list[str]:
+    """A hint per ``key=value`` argument whose key no config knows but resembles one that does
+    (``diamter=20``: did you mean diameter?); Hydra's own message suggests ``+diamter=20``."""
+    import difflib
+
+    known, hints = known_options(), []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if "=" not in arg or key[:1] in "+~-" or key.split(".")[0] in known:
+            continue
+        close = difflib.get_close_matches(key.split(".")[0], sorted(known), n=1, cutoff=0.75)
+        if close:
+            hints.append(f"hint: no option {key.split('.')[0]!r}; did you mean {close[0]}? (--help lists the options)")
+    return hints
 
 
 def yielding_threads() -> None:

@@ -401,7 +401,7 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
             continue
         labels, scores, scaling = result.labels, result.scores, {**result.info, "notes": notes}
         for note in notes:  # replaced NaN pixels, a resize limited, ...: said once, kept with the image
-            say(f"{path.name}: {note}")
+            say(f"{path.name}: {note.removeprefix(f'{path}: ')}")  # a reader's note names the file itself
         for reason in scaling.get("warnings", []):  # the count of such an image needs a look
             say(f"{path.name}: do not trust this result blindly: {reason}")
         if scaling["factor"] != 1.0:

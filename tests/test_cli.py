@@ -187,6 +187,17 @@ def test_evaluate_missing_checkpoint(tmp_path):
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_misspelt_option_is_given_its_spelling(tmp_path):
+    proc = cellrcnn("predict", "input=x.png", "output=o", "diamter=20", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "hint: no option 'diamter'; did you mean diameter?" in proc.stderr
+    proc = cellrcnn("train", "trainr.max_time=1", cwd=tmp_path)
+    assert "did you mean trainer?" in proc.stderr
+    from cellrcnn.cli import misspelt_options
+
+    assert misspelt_options(["input=a", "+extra=1", "zzz=2", "data.root=x"]) == []  # known, added, unlike any
+
+
 def test_evaluate_before_any_conversion_names_the_convert_command(tmp_path):
     """Scoring a dataset that was never converted: the missing file and the command that writes it,
     no traceback, and no run folder left behind."""
