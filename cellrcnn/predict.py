@@ -410,7 +410,7 @@ def predict_all(cfg: DictConfig) -> dict[str, Any]:
             measured = scaling.get("measured_diameter") or given
             sizes = (f"objects of {measured:.0f} px median diameter brought to {measured * scaling['factor']:.0f} px"
                      if measured else "objects brought to the model's size")
-            say(f"{path.name}: predicted at {scaling['factor']:g}x size ({sizes})")
+            say(f"{path.name}: predicted at {scaling['factor']:.3g}x size ({sizes})")
         stem = free_stem(out, path.stem if path.stem not in stems else f"{path.stem}_{path.suffix.lstrip('.')}", stems)
         stems.add(stem)
         image_id = len(summary["images"]) + 1
