@@ -77,11 +77,13 @@ OVERLAP_PROBE = 1024
 def as_image(image: np.ndarray, channel: int | None = None) -> np.ndarray:
     """An in-memory image -> raw H×W or H×W×3 pixels, as :func:`cellrcnn.io.read_image` gives a file.
 
-    Accepts H×W, H×W×1, H×W×3 and H×W×4 arrays of any dtype (RGBA: alpha is dropped), and the
-    same channels first (C×H×W, as ``tifffile.imread`` gives a multi-channel TIFF: a first axis
-    of at most :data:`MAX_CHANNELS_FIRST` before an image side longer than that).
+    Accepts H×W, H×W×1, H×W×3 and H×W×4 arrays of any dtype (RGBA: alpha is dropped).
     ``channel`` picks one channel (any C, e.g. the DAPI plane of a multi-channel stack) and gives
     a grey image; other channel counts need it (which one holds the nuclei cannot be guessed).
+    An array with its channels first (C×H×W, as ``tifffile.imread`` gives a multi-channel TIFF: a
+    first axis of at most :data:`MAX_CHANNELS_FIRST` before an image side longer than that) needs
+    ``channel`` too: ``tifffile.imread`` gives a 3-plane z-stack or 3 fluorescence channels the
+    same shape as planar RGB, and reading them as colour would be a silent mistake.
     """
     image = np.asarray(image)
     if image.dtype == bool:
@@ -89,6 +91,10 @@ def as_image(image: np.ndarray, channel: int | None = None) -> np.ndarray:
     if image.dtype.kind not in "uif":
         raise ValueError(f"an image must hold numbers, got dtype {image.dtype}")
     if image.ndim == 3 and image.shape[0] <= MAX_CHANNELS_FIRST < min(image.shape[1:]):
+        if channel is None and image.shape[0] > 1:
+            raise ValueError(f"a {'×'.join(map(str, image.shape))} array has {image.shape[0]} channels or z-planes "
+                             "first: give channel=K (the nuclei channel) or plane=K (a z-plane); a colour image "
+                             "is passed as H×W×3 (np.moveaxis(image, 0, -1))")
         image = np.moveaxis(image, 0, -1)  # C×H×W -> H×W×C, a view
     if channel is not None:
         if image.ndim != 3:

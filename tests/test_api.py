@@ -183,7 +183,10 @@ def test_as_image_rules():
     assert as_image(np.zeros((8, 9, 2), np.uint8), channel=1).shape == (8, 9)
     assert as_image(np.zeros((8, 9, 4), np.float32)).shape == (8, 9, 3)
     assert as_image(np.zeros((8, 9), bool)).dtype == np.uint8
-    assert as_image(np.zeros((3, 20, 30), np.uint8)).shape == (20, 30, 3)  # channels first
+    # channels (or z-planes) first: which one is asked, never guessed as colour
+    assert as_image(np.zeros((3, 20, 30), np.uint8), channel=2).shape == (20, 30)
+    with pytest.raises(ValueError, match=r"3×20×30 array has 3 channels or z-planes first: give channel=K"):
+        as_image(np.zeros((3, 20, 30), np.uint8))
     assert as_image(np.zeros((2, 20, 30), np.uint16), channel=1).shape == (20, 30)
     assert as_image(np.zeros((20, 30, 2), np.uint16), channel=1).shape == (20, 30)
     for bad, message in ((np.zeros((2, 8, 9, 3)), "H×W"), (np.zeros((8, 9, 2)), "channel="), (np.zeros((0, 9)), "empty"),
