@@ -39,7 +39,9 @@ def test_ood_flags_unseen_modality_sizes_and_missing_signal():
     assert profile["modalities"] == {"brightfield": 10, "fluorescence": 90}
     assert profile["object_diameter_px"]["p50"] == pytest.approx(24.0)
     assert ood_reasons(_fluorescence(), profile, 20.0) == []
-    assert "H&E images are (almost) absent" in " ".join(ood_reasons(_he(), profile, 20.0))
+    assert "H&E images are rare in the model's training data" in " ".join(ood_reasons(_he(), profile, 20.0))
+    rare = training_profile(["fluorescence"] * 97 + ["H&E"] * 3, np.linspace(8, 40, 200))  # 3 %: still rare
+    assert "(H&E 3, fluorescence 97 images)" in " ".join(ood_reasons(_he(), rare, 20.0))
     big = ood_reasons(_fluorescence(), profile, 150.0)
     assert len(big) == 1 and "diameter=" in big[0]
     field = np.tile(_fluorescence(), (4, 4))  # 256², still 51 px wide at 0.2×
