@@ -145,10 +145,18 @@ def recorded_outputs(record: dict) -> set[str]:
     return names
 
 
-def recorded_inputs(record: dict | None) -> set[str]:
-    """The files a run took as inputs (segmented or unreadable): an input stays one."""
-    entries = [*record["images"], *record.get("skipped", [])] if record else []
-    return {Path(entry["file"]).name for entry in entries}
+def recorded_inputs(record: dict | None, folder: Path) -> set[str]:
+    """The files of ``folder`` a run took as inputs (segmented or unreadable): an input stays one.
+    An input that is still found in another folder (``input=`` elsewhere) names no file here: the
+    earlier run's ``x.tif`` made from ``images/x.tif`` is an output. One no longer found could have
+    been here, and is counted so (the file is then kept, not replaced)."""
+    here = folder.resolve()
+    names = set()
+    for entry in [*record["images"], *record.get("skipped", [])] if record else []:
+        path = Path(entry["file"])  # as given then, relative to that run's working directory
+        if not (path.is_file() and path.resolve().parent != here):
+            names.add(path.name)
+    return names
 
 
 def made_from(stem: str, source: Path) -> bool:
@@ -184,7 +192,7 @@ def earlier_outputs(folder: Path, files: list[Path], sources: list[Path] | tuple
     run of predict wrote, by how they are known: listed in its predictions.json, or paired as a run
     writes them (:func:`output_pairs`). A file a record names as an input is never one of them."""
     record = read_record(folder / RECORD)
-    inputs = recorded_inputs(record)
+    inputs = recorded_inputs(record, folder)
     listed = recorded_outputs(record) - inputs if record else set()
     paired = output_pairs(files, sources) - inputs - listed
     files = sorted(files)

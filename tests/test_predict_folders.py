@@ -345,3 +345,18 @@ def test_model_auto_names_each_images_model_and_the_non_commercial_one_on_screen
                                                                               "tissue.png": "nuclei_he"}
     assert " by nuclei -> " in said and " by nuclei_he -> " in said
     assert "1 image (tissue.png): colour-stained image (H&E-like); nuclei_he's weights are for non-commercial" in said
+
+
+def test_a_rerun_replaces_outputs_named_as_inputs_of_another_folder(tmp_path, capsys):
+    """input=tiffs/ (x.tif) output=out/ writes out/x.tif; the same run again replaces out/x.tif
+    (an output, though named as an input of the other folder) instead of keeping it as the user's
+    and writing x_pred.tif beside it, which a scoring by file name would never read."""
+    (tmp_path / "tiffs").mkdir()
+    tifffile.imwrite(tmp_path / "tiffs" / "x.tif", _nuclei(4))
+    out = tmp_path / "out"
+    _predict(tmp_path, tmp_path / "tiffs", out=out)
+    capsys.readouterr()
+    second = _predict(tmp_path, tmp_path / "tiffs", out=out)
+    assert [e["labels"] for e in second["images"]] == ["x.tif"] and second["kept"] == []
+    assert _listing(out) == {"x.tif", "x_overlay.png", "coco_results.json", "predictions.json"}
+    assert "kept" not in capsys.readouterr().out
