@@ -141,11 +141,15 @@ def _read_tiff(path: Path, channel: int | None) -> tuple[np.ndarray, str, bool]:
     return data, ("pages" if others[0] in "QI" else "planes"), used
 
 
+# the first bytes of a TIFF and a BigTIFF, little- and big-endian
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
 def _is_tiff(path: Path) -> bool:
     """Whether the file starts as a TIFF or BigTIFF does; a PNG or JPEG renamed .tif (as some
     export tools do) is then read for what it is."""
     with open(path, "rb") as f:
-        return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+        return f.read(4) in TIFF_MAGIC
 
 
 def _read_with_pil(path: Path) -> np.ndarray:

@@ -187,8 +187,8 @@ def check_evaluation_data(datamodule, split: str) -> None:
     if not hasattr(datamodule, "sources"):
         check_dataset(datamodule, (split,), hydra_choice("data"))
         return
-    missing = [(source, datamodule.source_annotation_file(source, split)) for source in datamodule.sources]
-    missing = [(source, path) for source, path in missing if not path.is_file()]
+    paths = [(source, datamodule.source_annotation_file(source, split)) for source in datamodule.sources]
+    missing = [(source, path) for source, path in paths if not path.is_file()]
     if len(missing) == len(datamodule.sources):
         raise UsageError(f"no source has a {split} split: " + ", ".join(str(path) for _, path in missing),
                          "convert them first: " + "; ".join(

@@ -22,9 +22,9 @@ def _schema_fields(schema: dict) -> list[tuple[str, str, bool, str]]:
 
 
 def _table(rows: list[tuple[str, str, bool, str]], where: str) -> str:
-    body = "".join(f"<tr><td><code>{escape(n)}</code>{' (required)' if req else ''}</td><td>{escape(where)}</td>"
+    """The table rows of (name, type, required, description) fields passed ``where``."""
+    return "".join(f"<tr><td><code>{escape(n)}</code>{' (required)' if req else ''}</td><td>{escape(where)}</td>"
                    f"<td>{escape(kind)}</td><td>{escape(text)}</td></tr>" for n, kind, req, text in rows)
-    return body
 
 
 def _operation(method: str, path: str, op: dict) -> str:

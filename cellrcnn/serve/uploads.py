@@ -17,6 +17,8 @@ from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from cellrcnn.io import TIFF_MAGIC
+
 
 class UploadError(Exception):
     """A client error: ``status`` (HTTP 4xx) and a message that says what is wrong."""
@@ -38,10 +40,7 @@ class Upload:
 # first bytes of the formats read_image understands -> the suffix it dispatches on
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", ".png"),
-    (b"II*\x00", ".tif"),
-    (b"MM\x00*", ".tif"),
-    (b"II+\x00", ".tif"),  # BigTIFF
-    (b"MM\x00+", ".tif"),
+    *((magic, ".tif") for magic in TIFF_MAGIC),
     (b"\xff\xd8\xff", ".jpg"),
     (b"BM", ".bmp"),
 )
