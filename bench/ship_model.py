@@ -185,7 +185,8 @@ def readme(cards: dict[str, dict]) -> str:
                   f"- Decision thresholds: {card.get('decision_thresholds') or 'as configured'} " + (
                       f"(chosen on {card.get('calibration_images')} validation images, each at the size prediction "
                       f"gives it: `{card['calibration_command']}`)." if card.get("calibration_command")
-                      else "(calibrated on validation images after training)."),
+                      else f"(chosen on {card.get('calibration_images') or 'the'} validation images by the calibration "
+                      "the training command runs after training)."),
                   f"- Object size: it trained on nuclei of median diameter {card['object_diameter_px']} px "
                   "(images resized towards one size). " + diameter_note(card.get("default_diameter")),
                   "- Training profile (for the out-of-distribution warning): "
