@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                                     [*args.source, *args.settings], args.threads)
             results[key]["checkpoint"] = ckpt
     command = "python bench/generalist.py " + " ".join(f"--model {m}" for m in args.model) + \
-        f" --diameters {args.diameters} --split {args.split}" + "".join(f" --set {o}" for o in args.settings)
+        f" --diameters {args.diameters} --split {args.split}" + "".join(f" --source {o}" for o in args.source) + \
+        "".join(f" --set {o}" for o in args.settings)
     write(args.out, results, command, args.split)
 
 

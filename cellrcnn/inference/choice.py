@@ -25,7 +25,8 @@ DEFAULT_MODEL = "nuclei"
 STAINED_MODEL = "nuclei_he"
 # a modality counts as known when at least this share of the training images had it. The shipped
 # models trained on 13 grey brightfield fields of 530-553 (2.5 %): on held-out DSB2018 brightfield
-# fields they find 66 % of the nuclei (IoU 0.5) against 88 % for fluorescence, and on two crowded
+# fields they find 66 % of the nuclei (IoU 0.5) against 88 % for fluorescence (bench/results/
+# generalist/nuclei_dsb_modalities/, the shipped nuclei), and on two crowded
 # cytology fields they counted 37 % and 70 % of the annotated nuclei, so such images are flagged
 MIN_MODALITY_SHARE = 0.05
 # objects this much beyond the training diameters' 1st-99th percentiles are out of range
